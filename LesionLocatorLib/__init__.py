@@ -1,0 +1,3 @@
+"""LesionLocatorLib: promptable lesion segmentation and longitudinal tracking (engine, no Slicer imports)."""
+
+__version__ = "0.1.0"
