@@ -1,0 +1,158 @@
+"""Network evaluation around a prompt: patch placement, sliding window, Gaussian blending, mirroring TTA, folds.
+
+Everything here is in preprocessed space, arrays (z, y, x). Only the patches that the prompt needs are predicted,
+and only their bounding region is kept: the official code allocates whole-image logits for every lesion.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+from .errors import Cancelled, LesionLocatorError
+
+Region = tuple[slice, slice, slice]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then the CPU; an unavailable device is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LesionLocatorError("Device 'cuda' was requested but no CUDA GPU is available; use device 'cpu' or 'auto'.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LesionLocatorError("Device 'mps' was requested but Apple MPS is not available; use 'cpu' or 'auto'.")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise LesionLocatorError(f"Unknown device '{device}'; use auto, cpu, cuda or mps.")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
+    """fp16 autocast on CUDA (as nnU-Net); fp32 on CPU unless bf16 is asked for; fp32 on MPS."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_bf16:
+        return torch.bfloat16
+    return None
+
+
+def check_cancel(cancel_event: threading.Event | None) -> None:
+    if cancel_event is not None and cancel_event.is_set():
+        raise Cancelled("Cancelled by the user.")
+
+
+def inclusive_bbox(mask_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    coords = [np.flatnonzero(np.any(mask_zyx, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    return np.array([c[0] for c in coords]), np.array([c[-1] for c in coords])
+
+
+def tile_starts(shape_zyx, patch_zyx, prompt_min, prompt_max, step_size: float) -> list[tuple[int, int, int]]:
+    """One patch centred on the prompt when it fits (shifted inside the image), else every sliding-window tile
+    (nnU-Net steps) that overlaps the prompt's bounding box."""
+    shape, patch = np.asarray(shape_zyx), np.asarray(patch_zyx)
+    if np.all(prompt_max - prompt_min + 1 <= patch):
+        start = [min(max(int((lo + hi - p) / 2), 0), s - p) for lo, hi, p, s in zip(prompt_min, prompt_max, patch, shape)]
+        return [tuple(start)]
+    steps = compute_steps_for_sliding_window(tuple(shape), tuple(patch), step_size)
+    overlapping = [
+        [s for s in axis_steps if s <= hi and s + p > lo]
+        for axis_steps, lo, hi, p in zip(steps, prompt_min, prompt_max, patch)
+    ]
+    return list(itertools.product(*overlapping))
+
+
+@dataclass
+class PredictionSettings:
+    device: torch.device
+    use_tta: bool
+    mirror_axes: tuple[int, ...]
+    step_size: float = 0.5
+    cpu_bf16: bool = False
+
+
+class PatchPredictor:
+    """Evaluates one network architecture with the weights of one or more folds around a prompt."""
+
+    def __init__(self, network: torch.nn.Module, fold_weights: dict[int, dict], patch_size_zyx, settings: PredictionSettings):
+        self.settings = settings
+        self.patch_size = tuple(int(p) for p in patch_size_zyx)
+        self.networks = []
+        for weights in fold_weights.values():
+            net = network if not self.networks else copy.deepcopy(network)
+            net.load_state_dict(weights, strict=True)
+            self.networks.append(net.to(settings.device).eval())
+        self._gaussian = compute_gaussian(self.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10,
+                                          dtype=torch.float32, device=torch.device("cpu")).numpy()
+        self.forward_passes = 0
+
+    def _mirror_combinations(self) -> list[tuple[int, ...]]:
+        if not self.settings.use_tta:
+            return []
+        axes = [a + 2 for a in self.settings.mirror_axes]
+        return [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+    @torch.inference_mode()
+    def _predict_tile(self, tile: torch.Tensor) -> np.ndarray:
+        """Fold- and mirror-averaged logits (classes, z, y, x) of one (1, channels, z, y, x) tile."""
+        dtype = autocast_dtype(self.settings.device, self.settings.cpu_bf16)
+        combinations = self._mirror_combinations()
+        total = None
+        with torch.autocast(self.settings.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            for net in self.networks:
+                for axes in [()] + combinations:
+                    flipped = torch.flip(tile, axes) if axes else tile
+                    out = net(flipped)
+                    out = torch.flip(out, axes) if axes else out
+                    total = out.float() if total is None else total + out.float()
+                    self.forward_passes += 1
+        return (total / (len(self.networks) * (len(combinations) + 1)))[0].cpu().numpy()
+
+    def predict(self, image_czyx: np.ndarray, prompt_zyx: np.ndarray,
+                cancel_event: threading.Event | None = None) -> tuple[np.ndarray, Region]:
+        """Logits (classes, z, y, x) over the region covered by the predicted tiles, and that region
+        in the coordinates of `image_czyx` (unpadded). Images smaller than the patch are zero-padded, centred."""
+        stacked = np.concatenate([image_czyx, prompt_zyx[None]], axis=0).astype(np.float32, copy=False)
+        padded, unpad = pad_nd_image(stacked, self.patch_size, "constant", {"constant_values": 0}, True)
+        prompt_min, prompt_max = inclusive_bbox(padded[-1] > 0)
+        starts = tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max, self.settings.step_size)
+        lo = np.min(starts, axis=0)
+        hi = np.max(starts, axis=0) + self.patch_size
+        logits = None
+        weights = np.zeros(tuple(hi - lo), dtype=np.float32)
+        gaussian = self._gaussian if len(starts) > 1 else np.ones(self.patch_size, dtype=np.float32)
+        for start in starts:
+            check_cancel(cancel_event)
+            window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
+            tile = torch.from_numpy(np.ascontiguousarray(padded[(slice(None),) + window]))[None].to(self.settings.device)
+            prediction = self._predict_tile(tile)
+            if logits is None:
+                logits = np.zeros((prediction.shape[0],) + tuple(hi - lo), dtype=np.float32)
+            local = tuple(slice(s - l, s - l + p) for s, l, p in zip(start, lo, self.patch_size))
+            logits[(slice(None),) + local] += prediction * gaussian
+            weights[local] += gaussian
+        logits /= weights
+        return _unpad_region(logits, lo, hi, unpad, image_czyx.shape[1:])
+
+
+def _unpad_region(logits: np.ndarray, lo, hi, unpad, shape_zyx) -> tuple[np.ndarray, Region]:
+    """Cut the padded-space logits region down to the original (unpadded) image coordinates."""
+    offsets = np.array([s.start for s in unpad[1:]])
+    region_lo = np.maximum(lo - offsets, 0)
+    region_hi = np.minimum(hi - offsets, np.asarray(shape_zyx))
+    local = tuple(slice(int(rl + o - l), int(rh + o - l)) for rl, rh, o, l in zip(region_lo, region_hi, offsets, lo))
+    region = tuple(slice(int(a), int(b)) for a, b in zip(region_lo, region_hi))
+    return logits[(slice(None),) + local], region
+

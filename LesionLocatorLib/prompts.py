@@ -1,0 +1,231 @@
+"""Prompts: what the user gives (point, box, mask) and the dense prompt channel the network sees.
+
+User prompts are in voxel indices of the ORIGINAL image, (z, y, x) order (the official JSON convention), or are made
+from physical points with `from_physical`. In preprocessed space, a point becomes a ball of radius 5 voxels
+(skimage `ball(5, strict_radius=False)`, 739 voxels) and a box a filled box widened by one voxel on each side.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import cc3d
+import numpy as np
+from skimage.morphology import ball
+
+from .errors import PromptError
+from .image import ImageVolume
+
+POINT_BALL_RADIUS = 5
+BOX_MARGIN_VOXELS = 1
+
+
+@dataclass(frozen=True)
+class PointPrompt:
+    """A click at continuous voxel indices (z, y, x) of the original image."""
+
+    index_zyx: tuple[float, float, float]
+
+    @classmethod
+    def from_physical(cls, image: ImageVolume, point, space: str = "LPS") -> "PointPrompt":
+        return cls(tuple(float(v) for v in _physical_to_index_zyx(image, [point], space)[0]))
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """A half-open voxel box [lo, hi) per axis, (z, y, x) order, of the original image."""
+
+    lo_zyx: tuple[float, float, float]
+    hi_zyx: tuple[float, float, float]
+
+    @classmethod
+    def from_physical(cls, image: ImageVolume, corner_a, corner_b, space: str = "LPS") -> "BoxPrompt":
+        """The voxel box covering an axis-aligned physical box (any direction matrix): all 8 corners mapped."""
+        a, b = np.asarray(corner_a, float), np.asarray(corner_b, float)
+        corners = np.array([[(a, b)[i][0], (a, b)[j][1], (a, b)[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        index = _physical_to_index_zyx(image, corners, space)
+        # voxel centres inside the physical box: ceil/floor on the half-voxel-shifted bounds
+        lo = np.ceil(index.min(axis=0) - 0.5)
+        hi = np.floor(index.max(axis=0) + 0.5)
+        return cls(tuple(float(v) for v in lo), tuple(float(v) for v in hi))
+
+
+@dataclass(frozen=True, eq=False)
+class MaskPrompt:
+    """A binary mask of one lesion on the original image grid (z, y, x)."""
+
+    mask: np.ndarray
+
+
+Prompt = Union[PointPrompt, BoxPrompt, MaskPrompt]
+
+
+def _physical_to_index_zyx(image: ImageVolume, points, space: str) -> np.ndarray:
+    space = space.upper()
+    if space == "LPS":
+        return image.lps_to_index_zyx(points)
+    if space == "RAS":
+        return image.ras_to_index_zyx(points)
+    raise PromptError(f"Unknown coordinate space '{space}'; use 'LPS' or 'RAS'.")
+
+
+def prompt_kind(prompt: Prompt) -> str:
+    return {PointPrompt: "point", BoxPrompt: "box", MaskPrompt: "mask"}[type(prompt)]
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+def validate_prompt(prompt: Prompt, shape_zyx: tuple[int, int, int]) -> Prompt:
+    """Check a prompt against the image; a box partly outside is clipped. Raises PromptError."""
+    shape = np.asarray(shape_zyx, float)
+    if isinstance(prompt, PointPrompt):
+        index = np.asarray(prompt.index_zyx, float)
+        if index.shape != (3,) or not np.all(np.isfinite(index)):
+            raise PromptError(f"A point needs 3 finite coordinates (z, y, x); got {prompt.index_zyx}.")
+        if np.any(index < -0.5) or np.any(index > shape - 0.5):
+            raise PromptError(
+                f"Point (z, y, x) = {tuple(round(v, 2) for v in index)} lies outside the image "
+                f"(shape {tuple(shape_zyx)}). Place the point on the lesion inside the scan."
+            )
+        return prompt
+    if isinstance(prompt, BoxPrompt):
+        lo, hi = np.asarray(prompt.lo_zyx, float), np.asarray(prompt.hi_zyx, float)
+        if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            raise PromptError(f"A box needs 3 finite lower and 3 upper bounds; got {prompt.lo_zyx}, {prompt.hi_zyx}.")
+        if np.any(hi < lo):
+            raise PromptError(
+                f"Inverted box: lower bound {tuple(lo)} is above upper bound {tuple(hi)} on an axis. "
+                "Give [zmin, zmax, ymin, ymax, xmin, xmax] with min < max."
+            )
+        if np.any(hi == lo):
+            raise PromptError(f"Empty box {tuple(lo)}..{tuple(hi)}: it has zero width on an axis (boxes are half-open).")
+        clipped_lo, clipped_hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+        if np.any(clipped_hi <= clipped_lo):
+            raise PromptError(f"Box {tuple(lo)}..{tuple(hi)} lies outside the image (shape {tuple(shape_zyx)}).")
+        return BoxPrompt(tuple(clipped_lo), tuple(clipped_hi))
+    if isinstance(prompt, MaskPrompt):
+        if tuple(prompt.mask.shape) != tuple(shape_zyx):
+            raise PromptError(f"Mask prompt shape {prompt.mask.shape} differs from the image shape {tuple(shape_zyx)}.")
+        if not np.any(prompt.mask):
+            raise PromptError("The mask prompt is empty: draw or select at least one voxel of the lesion.")
+        return prompt
+    raise PromptError(f"Unsupported prompt type {type(prompt).__name__}; use PointPrompt, BoxPrompt or MaskPrompt.")
+
+
+# --- reading prompts --------------------------------------------------------------------------------------------
+def _numbers(values, count: int, what: str) -> list[float]:
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        raise PromptError(f"A {what} needs {count} values; got {values!r}.")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError) as error:
+        raise PromptError(f"A {what} needs numbers (or numeric strings); got {values!r}.") from error
+
+
+def parse_prompt_entry(entry) -> Prompt:
+    """One lesion of the official JSON: {"point": [z, y, x]} or {"box": [z0, z1, y0, y1, x0, x1]}."""
+    if not isinstance(entry, dict) or not ({"point", "box"} & set(entry)):
+        raise PromptError(f"Each lesion needs a 'point' or a 'box' entry; got {entry!r}.")
+    if "point" in entry:
+        return PointPrompt(tuple(_numbers(entry["point"], 3, "point [z, y, x]")))
+    z0, z1, y0, y1, x0, x1 = _numbers(entry["box"], 6, "box [zmin, zmax, ymin, ymax, xmin, xmax]")
+    return BoxPrompt((z0, y0, x0), (z1, y1, x1))
+
+
+def load_prompt_json(path: str | Path) -> tuple[dict[int, Prompt], dict[int, str]]:
+    """Prompts of the official JSON format, several lesions; unusable lesions go to the error dict."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise PromptError(f"Prompt file not found: {path}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PromptError(f"Prompt file {path} is not valid JSON ({error}).") from error
+    if not isinstance(content, dict):
+        raise PromptError(f'{path}: expected {{"<lesion id>": {{"point": [z, y, x]}}, ...}}.')
+    prompts: dict[int, Prompt] = {}
+    errors: dict[int, str] = {}
+    for key, entry in content.items():
+        try:
+            lesion_id = int(key)
+        except ValueError as error:
+            raise PromptError(f"{path}: lesion ids must be integers; got '{key}'.") from error
+        try:
+            prompts[lesion_id] = parse_prompt_entry(entry)
+        except PromptError as error:
+            errors[lesion_id] = str(error)
+    return prompts, errors
+
+
+def lesion_ids_in_mask(labels_zyx: np.ndarray) -> np.ndarray:
+    ids = np.unique(labels_zyx)
+    return ids[ids > 0]
+
+
+def split_instance_mask(labels_zyx: np.ndarray) -> dict[int, np.ndarray]:
+    """Lesion masks from an instance map: one lesion per id (gaps and ids > 255 kept); a binary mask
+    (only label 1) is split into its connected components, numbered 1..N."""
+    labels = np.asarray(labels_zyx)
+    if labels.dtype.kind == "f":
+        if not np.all(np.mod(labels, 1) == 0):
+            raise PromptError("A lesion mask must hold integer ids, not fractional values.")
+        labels = labels.astype(np.int64)
+    if np.any(labels < 0):
+        raise PromptError("A lesion mask must not hold negative ids.")
+    ids = lesion_ids_in_mask(labels)
+    if ids.size == 0:
+        raise PromptError("The lesion mask is empty: it labels no lesion.")
+    if ids.tolist() == [1]:
+        components = cc3d.connected_components(labels == 1, connectivity=26)
+        return {int(i): components == i for i in lesion_ids_in_mask(components)}
+    return {int(i): labels == i for i in ids}
+
+
+# --- dense prompts in preprocessed space ----------------------------------------------------------------------
+def point_to_preprocessed(index_zyx, region_start_zyx, region_shape_zyx, scale_zyx, preprocessed_shape) -> np.ndarray:
+    """Original (z, y, x) -> preprocessed voxel: crop offset subtracted once, scaled by the shape ratio, rounded
+    and clipped (as upstream LesionLocator after its fix a6dd658)."""
+    shifted = np.minimum(np.asarray(region_shape_zyx), np.maximum(0, np.asarray(index_zyx, float) - region_start_zyx))
+    return np.clip(np.round(shifted * scale_zyx), 0, np.asarray(preprocessed_shape) - 1).astype(int)
+
+
+def box_to_preprocessed(lo_zyx, hi_zyx, region_start_zyx, scale_zyx, preprocessed_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Half-open original box -> half-open preprocessed box: floor/ceil after scaling, one voxel of margin."""
+    lo = np.floor((np.asarray(lo_zyx, float) - region_start_zyx) * scale_zyx) - BOX_MARGIN_VOXELS
+    hi = np.ceil((np.asarray(hi_zyx, float) - region_start_zyx) * scale_zyx) + BOX_MARGIN_VOXELS
+    shape = np.asarray(preprocessed_shape)
+    return np.clip(lo, 0, shape).astype(int), np.clip(hi, 0, shape).astype(int)
+
+
+def dense_point(center_zyx, shape_zyx) -> np.ndarray:
+    """A ball of radius 5 voxels around `center_zyx`, clipped at the image border."""
+    dense = np.zeros(shape_zyx, dtype=np.float32)
+    kernel = ball(POINT_BALL_RADIUS, strict_radius=False).astype(np.float32)
+    center = np.asarray(center_zyx, int)
+    lo = center - POINT_BALL_RADIUS
+    hi = center + POINT_BALL_RADIUS + 1
+    target = tuple(slice(max(l, 0), min(h, s)) for l, h, s in zip(lo, hi, shape_zyx))
+    source = tuple(slice(t.start - l, t.stop - l) for t, l in zip(target, lo))
+    dense[target] = kernel[source]
+    return dense
+
+
+def dense_box(lo_zyx, hi_zyx, shape_zyx) -> np.ndarray:
+    dense = np.zeros(shape_zyx, dtype=np.float32)
+    dense[tuple(slice(int(l), int(h)) for l, h in zip(lo_zyx, hi_zyx))] = 1
+    return dense
+
+
+def mask_statistics(labels_zyx: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per id: (bbox lo, bbox hi half-open, centroid) in (z, y, x) voxels, from cc3d statistics."""
+    stats = cc3d.statistics(np.ascontiguousarray(labels_zyx.astype(np.uint32)))
+    result = {}
+    for label, (boxes, centroid, count) in enumerate(zip(stats["bounding_boxes"], stats["centroids"], stats["voxel_counts"])):
+        if label == 0 or count == 0:
+            continue
+        lo = np.array([b.start for b in boxes])
+        hi = np.array([b.stop for b in boxes])
+        result[label] = (lo, hi, np.asarray(centroid, float))
+    return result
+

@@ -1,0 +1,226 @@
+"""Segmenter: an image and prompts in, one binary lesion mask per prompt out (on the input's grid).
+
+Modes:
+- `roi` (default): crop a region around the prompt from the original image, preprocess only that, predict, and
+  resample the logits back only inside it. Cost grows with the lesion, not with the scan.
+- `exact`: preprocess the whole image and resample whole-image logits back, as the official code does.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, resolve_task_folder
+from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
+from .image import ImageVolume
+from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
+from .preprocessing import PreprocessedImage, Preprocessor, Region
+from .prompts import (
+    BoxPrompt, MaskPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
+    point_to_preprocessed, validate_prompt,
+)
+
+Progress = Callable[[float, str], None]
+PRESETS = {"fast": {"all_folds": False, "use_tta": False}, "accurate": {"all_folds": True, "use_tta": True}}
+MODES = ("roi", "exact")
+# Logit difference (foreground - background) outside the predicted patches: background, finite so that
+# interpolation near the patch border stays well defined (the official code leaves NaN there).
+OUTSIDE_FG_MINUS_BG = -10.0
+# Extra context around the patch in roi mode, so that resampling near the patch sees the same neighbours as in
+# the whole image: preprocessed voxels + original voxels.
+ROI_MARGIN_TARGET_VOXELS = 4
+ROI_MARGIN_ORIGINAL_VOXELS = 2
+
+
+@dataclass
+class SegmentationResult:
+    masks: dict[int, np.ndarray] = field(default_factory=dict)  # uint8 (z, y, x) on the input grid
+    errors: dict[int, str] = field(default_factory=dict)  # lesion id -> why it could not be segmented
+    probabilities: dict[int, np.ndarray] | None = None  # float32 foreground probability, on request
+
+
+def choose_folds(folder: Path, preset: str, folds) -> list[int]:
+    present = available_folds(folder)
+    if not present:
+        raise CheckpointError(f"No fold_N/checkpoint_final.pth in {folder}.")
+    if folds is not None:
+        return [int(f) for f in folds]
+    return present if PRESETS[preset]["all_folds"] else present[:1]
+
+
+def check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise LesionLocatorError(f"Unknown preset '{preset}'; use one of {sorted(PRESETS)}.")
+
+
+class SegmentationModel:
+    """One model folder ready to predict: its preprocessor and its fold networks."""
+
+    def __init__(self, model: ModelFolder, settings: PredictionSettings):
+        if model.num_classes != 2:
+            raise CheckpointError(f"{model.path}: expected 2 labels (background, lesion), found {model.num_classes}.")
+        self.model = model
+        self.preprocessor = Preprocessor(model)
+        self.predictor = PatchPredictor(model.build_network(), model.fold_weights, model.patch_size_zyx, settings)
+
+    @property
+    def patch_size_zyx(self) -> tuple[int, ...]:
+        return self.model.patch_size_zyx
+
+    def fg_minus_bg(self, pre: PreprocessedImage, dense_prompt: np.ndarray, cancel_event=None) -> np.ndarray:
+        """Foreground-minus-background logits over the whole preprocessed array (background outside the patches)."""
+        logits, region = self.predictor.predict(pre.data, dense_prompt, cancel_event)
+        difference = np.full(pre.shape_zyx, OUTSIDE_FG_MINUS_BG, dtype=np.float32)
+        difference[region] = logits[1] - logits[0]
+        return difference
+
+    def to_original(self, difference: np.ndarray, pre: PreprocessedImage) -> np.ndarray:
+        """Resample the logit difference onto the original voxels of `pre.region` (linear resampling of the
+        difference equals the difference of the resampled logits, so one channel is enough for two classes)."""
+        return self.preprocessor.logits_to_original(difference[None], pre)[0]
+
+
+class Segmenter:
+    """Promptable lesion segmentation with an official-format LesionLocator model root."""
+
+    def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
+                 use_tta: bool | None = None, mode: str = "roi", step_size: float = 0.5, cpu_bf16: bool = False,
+                 mask_prompt_as: str = "box"):
+        check_preset(preset)
+        if mode not in MODES:
+            raise LesionLocatorError(f"Unknown mode '{mode}'; use 'roi' (fast) or 'exact' (whole image, as official).")
+        if mask_prompt_as not in ("box", "point"):
+            raise LesionLocatorError("mask_prompt_as must be 'box' or 'point'.")
+        if not 0 < step_size <= 1:
+            raise LesionLocatorError(f"step_size must be in (0, 1]; got {step_size}.")
+        self.model_root = Path(model_root)
+        self.device = resolve_device(device)
+        self.preset = preset
+        self.folds = folds
+        self.use_tta = PRESETS[preset]["use_tta"] if use_tta is None else bool(use_tta)
+        self.mode = mode
+        self.step_size = step_size
+        self.cpu_bf16 = cpu_bf16
+        self.mask_prompt_as = mask_prompt_as
+        self._models: dict[str, SegmentationModel] = {}
+        for task in ("point", "box"):  # fail early on a wrong folder, load weights lazily
+            resolve_task_folder(self.model_root, task)
+
+    @classmethod
+    def from_folder(cls, model_root: str | Path, **options) -> "Segmenter":
+        return cls(model_root, **options)
+
+    def model_for(self, task: str) -> SegmentationModel:
+        if task not in self._models:
+            folder = resolve_task_folder(self.model_root, task)
+            model = load_checkpoint_folder(folder, choose_folds(folder, self.preset, self.folds))
+            settings = PredictionSettings(self.device, self.use_tta, model.mirroring_axes, self.step_size, self.cpu_bf16)
+            self._models[task] = SegmentationModel(model, settings)
+        return self._models[task]
+
+    def task_for(self, prompt: Prompt) -> str:
+        if isinstance(prompt, PointPrompt):
+            return "point"
+        if isinstance(prompt, BoxPrompt):
+            return "box"
+        return self.mask_prompt_as
+
+    # --- public API --------------------------------------------------------------------------------------------
+    def segment(self, image: ImageVolume, prompts: dict[int, Prompt], progress: Progress | None = None,
+                cancel_event: threading.Event | None = None, return_probabilities: bool = False) -> SegmentationResult:
+        """Segment every prompted lesion. A lesion whose prompt is unusable gets an entry in `errors`; the others
+        still run. Cancelling raises `Cancelled`."""
+        result = SegmentationResult(probabilities={} if return_probabilities else None)
+        whole_image_cache: dict[str, PreprocessedImage] = {}
+        report = progress or (lambda fraction, stage: None)
+        for number, (lesion_id, prompt) in enumerate(prompts.items()):
+            check_cancel(cancel_event)
+            report(number / max(len(prompts), 1), f"lesion {lesion_id} ({number + 1}/{len(prompts)})")
+            try:
+                prompt = validate_prompt(prompt, image.shape_zyx)
+                score = self._segment_one(image, prompt, whole_image_cache, cancel_event)
+            except PromptError as error:
+                result.errors[lesion_id] = str(error)
+                continue
+            result.masks[lesion_id] = (score > 0).astype(np.uint8)
+            if return_probabilities:
+                result.probabilities[lesion_id] = _sigmoid(score)
+        report(1.0, "done")
+        return result
+
+    def _segment_one(self, image: ImageVolume, prompt: Prompt, cache: dict, cancel_event) -> np.ndarray:
+        """Foreground-minus-background logits on the original grid (-inf-like outside the predicted region)."""
+        task = self.task_for(prompt)
+        model = self.model_for(task)
+        if self.mode == "exact":
+            if task not in cache:
+                cache[task] = model.preprocessor.preprocess(image)
+            pre = cache[task]
+        else:
+            pre = model.preprocessor.preprocess(image, self.roi_for(prompt, image, model))
+        check_cancel(cancel_event)
+        dense = self.dense_prompt(prompt, pre, model, task)
+        difference = model.fg_minus_bg(pre, dense, cancel_event)
+        score = np.full(image.shape_zyx, OUTSIDE_FG_MINUS_BG, dtype=np.float32)
+        score[pre.region] = model.to_original(difference, pre)
+        return score
+
+    # --- prompt geometry ---------------------------------------------------------------------------------------
+    def roi_for(self, prompt: Prompt, image: ImageVolume, model: SegmentationModel) -> Region:
+        """Original-voxel region that contains every patch the prompt can need, plus resampling context."""
+        lo, hi = prompt_extent_zyx(prompt)
+        spacing = np.asarray(image.spacing_zyx)
+        target = np.asarray(model.preprocessor.target_spacing_zyx)
+        patch_original = np.asarray(model.patch_size_zyx) * target / spacing
+        margin = ROI_MARGIN_TARGET_VOXELS * target / spacing + ROI_MARGIN_ORIGINAL_VOXELS
+        extent = hi - lo
+        # a prompt larger than the patch is covered by tiles reaching up to one patch beyond it
+        half = np.where(extent * spacing / target + 2 > model.patch_size_zyx, extent / 2 + patch_original,
+                        patch_original / 2) + margin
+        centre = (lo + hi) / 2
+        start = np.floor(centre - half).astype(int)
+        stop = np.ceil(centre + half).astype(int) + 1
+        shape = np.asarray(image.shape_zyx)
+        # keep the full window size where the image allows it, so a clamped patch sees the same border as official
+        shift = np.maximum(0, -start) - np.maximum(0, stop - shape)
+        start, stop = np.clip(start + shift, 0, shape), np.clip(stop + shift, 0, shape)
+        return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+    def dense_prompt(self, prompt: Prompt, pre: PreprocessedImage, model: SegmentationModel, task: str) -> np.ndarray:
+        start, scale, shape = pre.region_start_zyx, pre.scale_zyx, pre.shape_zyx
+        if isinstance(prompt, PointPrompt):
+            return dense_point(point_to_preprocessed(prompt.index_zyx, start, pre.region_shape_zyx, scale, shape), shape)
+        if isinstance(prompt, BoxPrompt):
+            return dense_box(*box_to_preprocessed(prompt.lo_zyx, prompt.hi_zyx, start, scale, shape), shape)
+        # mask: resampled with the image, then its bounding box (+1 voxel) or centroid, as the official code does
+        resampled = model.preprocessor.resample_segmentation(prompt.mask[pre.region].astype(np.uint8),
+                                                            pre.original_spacing_zyx, shape)
+        stats = mask_statistics(resampled > 0)
+        if not stats:
+            raise PromptError("The mask prompt vanished when resampled to the model's spacing (too small); use a point.")
+        box_lo, box_hi, centroid = stats[1]
+        if task == "point":
+            return dense_point(np.clip(np.round(centroid), 0, np.asarray(shape) - 1).astype(int), shape)
+        return dense_box(np.maximum(box_lo - 1, 0), np.minimum(box_hi + 1, shape), shape)
+
+
+def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous original-voxel bounds [lo, hi] of what the prompt covers."""
+    if isinstance(prompt, PointPrompt):
+        point = np.asarray(prompt.index_zyx, float)
+        return point, point
+    if isinstance(prompt, BoxPrompt):
+        return np.asarray(prompt.lo_zyx, float), np.asarray(prompt.hi_zyx, float)
+    coords = np.argwhere(prompt.mask)
+    return coords.min(axis=0).astype(float), coords.max(axis=0).astype(float) + 1
+
+
+def _sigmoid(score: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(score, -50, 50)))).astype(np.float32)
+
+
+__all__ = ["Segmenter", "SegmentationResult", "Cancelled", "PRESETS", "MODES"]
