@@ -160,3 +160,9 @@ def test_cli_list_path_clear(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(installed)
     assert run_cli(["--cache-dir", str(tmp_path), "clear", "lesionlocator"]) == 0
     assert f"deleted {installed}" in capsys.readouterr().out and not installed.exists()
+
+
+def test_cli_download_requires_licence_acceptance(tmp_path, capsys):
+    assert run_cli(["--cache-dir", str(tmp_path), "download", "lesionlocator"]) == 1
+    assert "--accept-licence" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

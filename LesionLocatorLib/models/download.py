@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from .. import __version__
 from ..errors import Cancelled, LesionLocatorError
-from .cache import STAGING_PREFIX, installed_model_dir, part_file, user_cache_dir
+from .cache import CACHE_ENV_VAR, STAGING_PREFIX, installed_model_dir, part_file, user_cache_dir
 from .layout import ModelLayoutError, find_model_root, validate_model_root
 from .registry import DOWNLOAD, ModelSource, download_instructions, get_source, model_status
 
@@ -56,7 +56,11 @@ class ChecksumMismatchError(DownloadError):
     """The downloaded archive is not the published file (corrupt or tampered); it was deleted."""
 
 
-class UnsafeArchiveError(DownloadError):
+class UnusableArchiveError(DownloadError):
+    """A verified archive that holds no usable model (unknown format, unsafe entries, incomplete layout)."""
+
+
+class UnsafeArchiveError(UnusableArchiveError):
     """The archive holds entries that would escape the target folder (absolute paths, '..', links)."""
 
 
@@ -128,10 +132,14 @@ def download_model(
     if not force and model_status(source, cache).installed:
         job.report(1.0, f"{source.name} is already installed")
         return job.target
-    expected = expected_archive(job)
+    expected = _expected_archive(job)
     _fetch(job, expected, max(1, attempts))
-    verify_archive(job, expected)
-    _install(job)
+    _verify_archive(job, expected)
+    try:
+        _install(job)
+    except UnusableArchiveError:
+        job.part.unlink()  # downloading the same file again cannot help
+        raise
     job.part.unlink()
     job.report(1.0, f"{source.name} installed in {job.target}")
     return job.target
@@ -145,7 +153,7 @@ def _clamped(progress: ProgressCallback | None) -> Callable[[float, str], None]:
     return report
 
 
-def expected_archive(job: _Job) -> ExpectedArchive:
+def _expected_archive(job: _Job) -> ExpectedArchive:
     """The pinned size and checksums, or those the server publishes; never an unverifiable download."""
     source = job.source
     if source.sha256 or source.md5:
@@ -273,12 +281,13 @@ def _stream(job: _Job, response: BinaryIO, out: BinaryIO, received: int, total: 
         out.write(chunk)
         received += len(chunk)
         if total:
-            job.report(DOWNLOAD_END * received / total, f"Downloading {name}: {received / MB:.1f} of {total / MB:.1f} MB")
+            stage = f"Downloading {name}: {received / MB:.1f} of {total / MB:.1f} MB"
+            job.report(DOWNLOAD_END * received / total, stage)
         else:
             job.report(0.0, f"Downloading {name}: {received / MB:.1f} MB")
 
 
-def verify_archive(job: _Job, expected: ExpectedArchive) -> None:
+def _verify_archive(job: _Job, expected: ExpectedArchive) -> None:
     """Size, then checksum; a mismatching file is deleted so that it is never used nor resumed."""
     actual_size = _part_size(job.part)
     if expected.size_bytes is not None and actual_size != expected.size_bytes:
@@ -318,8 +327,13 @@ def _install(job: _Job) -> None:
             root = find_model_root(staging)
             validate_model_root(root)
         except ModelLayoutError as error:
-            raise DownloadError(f"The downloaded archive does not hold a complete model: {error}") from error
+            raise UnusableArchiveError(f"The downloaded archive does not hold a complete model: {error}") from error
         _replace_dir(root, job.target)
+    except OSError as error:
+        raise DownloadError(
+            f"Could not write the model into {job.target.parent} ({error}). Free disk space or choose another cache "
+            f"folder (${CACHE_ENV_VAR} or the Slicer setting), then run the download again."
+        ) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -353,7 +367,7 @@ def extract_archive(
             entries = [_tar_entry(destination, member) for member in tar_file.getmembers()]
             _write_entries(entries, tar_file.extractfile, report, check_cancel)
     else:
-        raise DownloadError(f"{archive} is neither a zip nor a tar archive; the download is not a model archive.")
+        raise UnusableArchiveError(f"{archive} is neither a zip nor a tar archive, so it holds no model.")
 
 
 @dataclass(frozen=True)
