@@ -1,0 +1,500 @@
+"""The module's Logic: MRML nodes in, engine calls on the engine thread, segments out. No Qt.
+
+Every operation has three steps, the same for the console and the GUI:
+  prepare (main thread): MRML -> engine objects (copied voxels, prompts, masks); the scene is not modified;
+  compute (engine thread): engine calls only, no MRML access; cancelling raises Cancelled;
+  apply (main thread): engine results -> segments, recorded as one undo step.
+Without `onDone` the public methods wait for the result (scripting); with `onDone(result, error)` they return the
+worker Job at once and `onDone` runs on the main thread when the Widget polls the worker.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from LesionLocatorLib.errors import LesionLocatorError, PromptError
+from LesionLocatorLib.image import ImageVolume
+
+from . import segments
+from .geometry import imageVolumeFromVolumeNode
+from .prompts import boxCornersFromTwoPoints, boxPromptFromWorldCorners, pointPromptFromWorld, promptFromMarkups
+from .timepoints import orderTimepoints
+from .worker import EngineWorker, Job
+
+MODEL_LITE, MODEL_OFFICIAL, MODEL_CUSTOM = "lite", "official", "custom"
+MODEL_CHOICES = (MODEL_LITE, MODEL_OFFICIAL, MODEL_CUSTOM)
+DEVICES = ("auto", "cuda", "cpu", "mps")
+PRESETS = ("fast", "accurate")
+REGISTRATIONS = ("auto", "gradicon", "classical")
+LARGE_CHECKPOINT_MB = 150  # the official ResEnc-L folds are several hundred MB; Lite is a few MB
+UNDO_DEPTH = 20
+
+OnDone = Callable[[Any, BaseException | None], None]
+
+
+@dataclass
+class EngineSettings:
+    model: str = MODEL_LITE
+    modelFolder: str = ""  # official: an extracted checkpoint folder (empty: the downloaded one); custom: required
+    device: str = "auto"
+    preset: str = "fast"
+    registration: str = "auto"
+
+    def modelNameOrFolder(self) -> str:
+        from LesionLocatorLib.models import registry
+
+        if self.model == MODEL_LITE:
+            return registry.LESIONLOCATOR_LITE.name
+        if self.model == MODEL_OFFICIAL:
+            return self.modelFolder or registry.LESIONLOCATOR_OFFICIAL.name
+        if self.model == MODEL_CUSTOM and self.modelFolder:
+            return self.modelFolder
+        raise LesionLocatorError("Choose the folder of the custom model (it holds LesionLocatorSeg/ and LesionLocatorTrack/).")
+
+
+# --- requests: plain data handed from the main thread to the engine thread -------------------------------------------
+@dataclass
+class SegmentationRequest:
+    volumeNodeID: str
+    lesionId: int
+    image: ImageVolume
+    prompt: Any
+    modelRoot: Path
+    settings: EngineSettings
+
+    @property
+    def description(self) -> str:
+        return f"segmenting {segments.lesionName(self.lesionId)} on {self.image.name}"
+
+
+@dataclass
+class TrackingRequest:
+    lesionIds: list[int]
+    timepointIDs: list[str]  # time order
+    images: dict[str, ImageVolume]
+    masks: dict[tuple[int, str], np.ndarray]  # (lesion id, volume node ID) -> non-empty mask to track from
+    targets: list[tuple[int, str]]  # (lesion id, volume node ID) to find by tracking
+    modelRoot: Path
+    settings: EngineSettings
+
+    @property
+    def description(self) -> str:
+        return f"tracking {', '.join(segments.lesionName(i) for i in self.lesionIds)}"
+
+
+# --- lesion table: plain data the Widget renders ---------------------------------------------------------------------
+@dataclass
+class LesionCell:
+    volumeNodeID: str
+    status: str = ""  # prompted / tracked / not found / edited; "" = not analysed at this timepoint
+    volumeMl: float | None = None
+    centreRAS: tuple[float, float, float] | None = None  # world
+
+
+@dataclass
+class LesionRow:
+    lesionId: int
+    name: str
+    colour: tuple[float, float, float]
+    cells: list[LesionCell]
+
+
+@dataclass
+class LesionTable:
+    timepointIDs: list[str]
+    timepointNames: list[str]
+    rows: list[LesionRow]
+
+
+@dataclass
+class UndoStep:
+    description: str
+    snapshots: list[segments.SegmentSnapshot] = field(default_factory=list)
+    createdNodeIDs: list[str] = field(default_factory=list)
+
+
+class EngineCache:
+    """The last Segmenter and Tracker, reused while the settings stay the same. Used on the engine thread only."""
+
+    def __init__(self) -> None:
+        self._segmenter: tuple[tuple, Any] | None = None
+        self._tracker: tuple[tuple, Any] | None = None
+
+    def segmenter(self, modelRoot: Path, settings: EngineSettings):
+        key = (str(modelRoot), settings.device, settings.preset)
+        if self._segmenter is None or self._segmenter[0] != key:
+            from LesionLocatorLib.segmentation import Segmenter  # torch: imported once dependencies are installed
+
+            self._segmenter = None  # free the previous model before loading the next
+            self._segmenter = (key, Segmenter.from_folder(modelRoot, device=settings.device, preset=settings.preset))
+        return self._segmenter[1]
+
+    def tracker(self, modelRoot: Path, settings: EngineSettings):
+        key = (str(modelRoot), settings.device, settings.preset, settings.registration)
+        if self._tracker is None or self._tracker[0] != key:
+            from LesionLocatorLib.tracking import Tracker
+
+            self._tracker = None
+            self._tracker = (key, Tracker.from_folder(
+                modelRoot, device=settings.device, preset=settings.preset, registration=settings.registration
+            ))
+        return self._tracker[1]
+
+
+class LesionTrackingLogic:
+    """Promptable segmentation and longitudinal tracking of lesions in an MRML scene."""
+
+    def __init__(self, scene, worker: EngineWorker | None = None, dicomDatabase=None) -> None:
+        self.scene = scene
+        self.settings = EngineSettings()
+        self.worker = worker or EngineWorker()
+        self.dicomDatabase = dicomDatabase
+        self.engines = EngineCache()
+        self._undoSteps: list[UndoStep] = []
+
+    # --- settings ----------------------------------------------------------------------------------------------
+    def modelRoot(self) -> Path:
+        from LesionLocatorLib.models.registry import model_root
+
+        return model_root(self.settings.modelNameOrFolder())
+
+    def largeModelOnCPUWarning(self) -> str:
+        """A warning to show when the chosen model is large and will run on the CPU ('' otherwise)."""
+        try:
+            root = self.modelRoot()
+        except LesionLocatorError:
+            return ""
+        if checkpointMegabytes(root) < LARGE_CHECKPOINT_MB or not runsOnCPU(self.settings.device):
+            return ""
+        return (
+            f"This model ({checkpointMegabytes(root):.0f} MB per fold) runs on the CPU here: expect minutes per "
+            "lesion. Use a CUDA GPU, or the Lite model for interactive use."
+        )
+
+    # --- timepoints and lesions ----------------------------------------------------------------------------------
+    def orderedTimepoints(self, volumeNodes: list) -> list:
+        return orderTimepoints(volumeNodes, self.dicomDatabase)[0]
+
+    def lesionIds(self) -> list[int]:
+        return sorted({lesionId for node in self._timepointSegmentations() for lesionId in segments.lesionSegmentIds(node)})
+
+    def timepointsWithLesions(self) -> list:
+        """Volumes that have a LesionLocator segmentation, in time order."""
+        volumes = [node.GetNodeReference(segments.VOLUME_REFERENCE_ROLE) for node in self._timepointSegmentations()]
+        return self.orderedTimepoints([volume for volume in volumes if volume is not None])
+
+    def _timepointSegmentations(self) -> list:
+        return [node for node in segments._segmentationNodes(self.scene) if node.GetAttribute(segments.TIMEPOINT_ATTRIBUTE)]
+
+    # --- segmentation -------------------------------------------------------------------------------------------
+    def segmentLesion(self, volumeNode, pointRAS=None, boxRAS=None, markupsNode=None, lesionId: int | None = None,
+                      onDone: OnDone | None = None):
+        """Segment a lesion from one prompt (world RAS point, box corners (A, B) or a markups point list / ROI).
+
+        A new lesion id is assigned unless `lesionId` is given: then that lesion is re-segmented on this volume
+        (a prompt on a follow-up corrects its tracking there). Returns the lesion id (or the Job with `onDone`).
+        """
+        request = self.prepareSegmentation(volumeNode, pointRAS, boxRAS, markupsNode, lesionId)
+        return self._run(request, self.computeSegmentation, self.applySegmentation, onDone)
+
+    def prepareSegmentation(self, volumeNode, pointRAS=None, boxRAS=None, markupsNode=None,
+                            lesionId: int | None = None) -> SegmentationRequest:
+        from LesionLocatorLib.prompts import validate_prompt
+
+        image = imageVolumeFromVolumeNode(volumeNode)
+        prompt = validate_prompt(promptFromInputs(image, pointRAS, boxRAS, markupsNode), image.shape_zyx)
+        lesionId = lesionId if lesionId is not None else max(self.lesionIds(), default=0) + 1
+        return SegmentationRequest(volumeNode.GetID(), lesionId, image, prompt, self.modelRoot(), replace(self.settings))
+
+    def computeSegmentation(self, request: SegmentationRequest, progress, cancelEvent: threading.Event) -> np.ndarray:
+        segmenter = self.engines.segmenter(request.modelRoot, request.settings)
+        result = segmenter.segment(request.image, {request.lesionId: request.prompt}, progress=progress,
+                                   cancel_event=cancelEvent)
+        if request.lesionId in result.errors:
+            raise PromptError(result.errors[request.lesionId])
+        mask = result.masks[request.lesionId]
+        if not mask.any():
+            raise LesionLocatorError(
+                "Nothing was segmented at this prompt. Click closer to the lesion centre, or draw a box around it."
+            )
+        return mask
+
+    def applySegmentation(self, request: SegmentationRequest, mask: np.ndarray) -> int:
+        volumeNode = self._volumeNode(request.volumeNodeID)
+        step = UndoStep(request.description)
+        self._writeLesion(step, volumeNode, request.lesionId, mask, segments.PROMPTED)
+        self._pushUndo(step)
+        return request.lesionId
+
+    # --- tracking --------------------------------------------------------------------------------------------------
+    def trackLesion(self, lesionId: int, volumeNodes: list, onDone: OnDone | None = None):
+        """Find a lesion in `volumeNodes` (follow-ups; the scans where it is segmented are added automatically)."""
+        return self.trackLesions([lesionId], volumeNodes, onDone)
+
+    def trackAll(self, volumeNodes: list, onDone: OnDone | None = None):
+        """Find every lesion in every one of `volumeNodes` where the user has not segmented it himself."""
+        return self.trackLesions(self.lesionIds(), volumeNodes, onDone)
+
+    def trackLesions(self, lesionIds: list[int], volumeNodes: list, onDone: OnDone | None = None):
+        """Returns {lesion id: {volume node ID: LesionAtTimepoint}} (or the Job with `onDone`)."""
+        request = self.prepareTracking(lesionIds, volumeNodes)
+        return self._run(request, self.computeTracking, self.applyTracking, onDone)
+
+    def prepareTracking(self, lesionIds: list[int], volumeNodes: list) -> TrackingRequest:
+        if not lesionIds:
+            raise LesionLocatorError("There is no lesion to track yet: segment one with a point or a box first.")
+        sources = {lesionId: self._lesionMasks(lesionId) for lesionId in lesionIds}
+        given = [node for node in volumeNodes if node is not None]
+        extra = [self._volumeNode(volumeID) for masks in sources.values() for volumeID in masks]
+        timepoints = self.orderedTimepoints(_unique([node for node in extra if node not in given] + given))
+        targets = [(lesionId, node.GetID()) for node in timepoints if node in given for lesionId in lesionIds
+                   if not self._isPinned(lesionId, node)]
+        if len(timepoints) < 2 or not targets:
+            raise LesionLocatorError("Choose at least one follow-up scan where the lesion is not segmented already.")
+        for lesionId, masks in sources.items():
+            if not masks:
+                raise LesionLocatorError(f"{segments.lesionName(lesionId)} is empty in every scan: segment it first.")
+        masks = {(lesionId, volumeID): mask for lesionId, byVolume in sources.items() for volumeID, mask in byVolume.items()}
+        images = {node.GetID(): imageVolumeFromVolumeNode(node) for node in timepoints}
+        return TrackingRequest(list(lesionIds), [node.GetID() for node in timepoints], images, masks, targets,
+                               self.modelRoot(), replace(self.settings))
+
+    def computeTracking(self, request: TrackingRequest, progress, cancelEvent: threading.Event) -> dict:
+        tracker = self.engines.tracker(request.modelRoot, request.settings)
+        masks = dict(request.masks)
+        results: dict[tuple[int, str], Any] = {}
+        steps = trackingTargetsInTimeOrder(request)
+        for number, (targetID, lesionIds) in enumerate(steps):
+            for sourceID, lesionsFromSource in groupBySource(request.timepointIDs, targetID, lesionIds, masks).items():
+                step = tracker.track_step(
+                    request.images[sourceID], request.images[targetID],
+                    {lesionId: masks[(lesionId, sourceID)] for lesionId in lesionsFromSource},
+                    progress=_scaledProgress(progress, number, len(steps), request.images[targetID].name),
+                    cancel_event=cancelEvent,
+                )
+                for lesionId, found in step.items():
+                    results[(lesionId, targetID)] = found
+                    masks.pop((lesionId, targetID), None)  # a stale mask must not seed later scans
+                    if found.found and found.mask is not None and found.mask.any():
+                        masks[(lesionId, targetID)] = found.mask
+        return results
+
+    def applyTracking(self, request: TrackingRequest, results: dict) -> dict[int, dict[str, Any]]:
+        step = UndoStep(request.description)
+        summary: dict[int, dict[str, Any]] = {}
+        for (lesionId, volumeID), found in results.items():
+            hasMask = found.found and found.mask is not None and found.mask.any()
+            status = segments.TRACKED if hasMask else segments.NOT_FOUND
+            self._writeLesion(step, self._volumeNode(volumeID), lesionId, found.mask if hasMask else None, status)
+            summary.setdefault(lesionId, {})[volumeID] = found
+        self._pushUndo(step)
+        return summary
+
+    # --- editing -------------------------------------------------------------------------------------------------
+    def deleteLesion(self, lesionId: int) -> None:
+        """Remove the lesion's segment from every timepoint (undoable)."""
+        step = UndoStep(f"deleting {segments.lesionName(lesionId)}")
+        for node in self._timepointSegmentations():
+            segmentId = segments.lesionSegmentIds(node).get(lesionId)
+            if segmentId is not None:
+                step.snapshots.append(segments.snapshotLesion(node, lesionId))
+                node.GetSegmentation().RemoveSegment(segmentId)
+        if not step.snapshots:
+            raise LesionLocatorError(f"There is no {segments.lesionName(lesionId)}.")
+        self._pushUndo(step)
+
+    def undo(self) -> str | None:
+        """Undo the last LesionLocator edit; returns what was undone (None when there is nothing to undo)."""
+        if not self._undoSteps:
+            return None
+        step = self._undoSteps.pop()
+        for snapshot in reversed(step.snapshots):
+            segments.restoreLesion(self.scene, snapshot)
+        for nodeID in step.createdNodeIDs:
+            node = self.scene.GetNodeByID(nodeID)
+            if node is not None and node.GetSegmentation().GetNumberOfSegments() == 0:
+                self.scene.RemoveNode(node)
+        return step.description
+
+    @property
+    def canUndo(self) -> bool:
+        return bool(self._undoSteps)
+
+    # --- table -------------------------------------------------------------------------------------------------------
+    def lesionTable(self, volumeNodes: list | None = None) -> LesionTable:
+        """Lesion x timepoint: status, volume (ml) and world centre of every lesion at every timepoint."""
+        timepoints = self.orderedTimepoints(volumeNodes) if volumeNodes is not None else self.timepointsWithLesions()
+        rows = []
+        for lesionId in self.lesionIds():
+            cells = [lesionCell(node, lesionId) for node in timepoints]
+            name, colour = self._lesionNameAndColour(lesionId)
+            rows.append(LesionRow(lesionId, name, colour, cells))
+        return LesionTable([node.GetID() for node in timepoints], [node.GetName() for node in timepoints], rows)
+
+    def _lesionNameAndColour(self, lesionId: int) -> tuple[str, tuple]:
+        for node in self._timepointSegmentations():
+            segmentId = segments.lesionSegmentIds(node).get(lesionId)
+            if segmentId is not None:
+                segment = node.GetSegmentation().GetSegment(segmentId)
+                return segment.GetName(), tuple(segment.GetColor())
+        return segments.lesionName(lesionId), segments.lesionColour(lesionId)
+
+    # --- helpers ---------------------------------------------------------------------------------------------------
+    def _run(self, request, compute, apply, onDone: OnDone | None):
+        job = functools.partial(compute, request)
+        if onDone is None:
+            return apply(request, self.worker.runSync(job, request.description))
+
+        def finish(finishedJob: Job) -> None:
+            try:
+                value = apply(request, finishedJob.resultOrRaise())
+            except Exception as error:  # noqa: BLE001 - shown to the user by onDone
+                onDone(None, error)
+                return
+            onDone(value, None)
+
+        return self.worker.submit(job, request.description, finish)
+
+    def _volumeNode(self, volumeNodeID: str):
+        node = self.scene.GetNodeByID(volumeNodeID)
+        if node is None:
+            raise LesionLocatorError("A scan used by this operation was removed from the scene meanwhile.")
+        return node
+
+    def _lesionMasks(self, lesionId: int) -> dict[str, np.ndarray]:
+        """{volume node ID: mask} of the timepoints where the lesion is segmented (non-empty)."""
+        masks = {}
+        for node in self._timepointSegmentations():
+            segmentId = segments.lesionSegmentIds(node).get(lesionId)
+            volumeNode = node.GetNodeReference(segments.VOLUME_REFERENCE_ROLE)
+            if segmentId is not None and volumeNode is not None:
+                mask = segments.lesionMaskArray(node, segmentId, volumeNode)
+                if mask.any():
+                    masks[volumeNode.GetID()] = mask
+        return masks
+
+    def _isPinned(self, lesionId: int, volumeNode) -> bool:
+        """Segmented by the user there (prompted or edited): tracking does not overwrite it."""
+        node = segments.timepointSegmentationNode(volumeNode)
+        segmentId = segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
+        if segmentId is None:
+            return False
+        segment = node.GetSegmentation().GetSegment(segmentId)
+        return segments.lesionStatus(segment, segments.segmentVoxels(node, segmentId)) in segments.PINNED_STATUSES
+
+    def _writeLesion(self, step: UndoStep, volumeNode, lesionId: int, mask, status: str) -> None:
+        node = segments.timepointSegmentationNode(volumeNode)
+        if node is None:
+            node = segments.timepointSegmentationNode(volumeNode, create=True)
+            step.createdNodeIDs.append(node.GetID())
+        segments.syncTransform(node, volumeNode)
+        step.snapshots.append(segments.snapshotLesion(node, lesionId))
+        segments.writeLesionMask(node, volumeNode, lesionId, mask, status)
+
+    def _pushUndo(self, step: UndoStep) -> None:
+        self._undoSteps = (self._undoSteps + [step])[-UNDO_DEPTH:]
+
+
+# --- pure helpers ----------------------------------------------------------------------------------------------------
+def promptFromInputs(image: ImageVolume, pointRAS=None, boxRAS=None, markupsNode=None):
+    given = [value is not None for value in (pointRAS, boxRAS, markupsNode)]
+    if sum(given) != 1:
+        raise PromptError("Give exactly one prompt: pointRAS, boxRAS (two opposite corners) or markupsNode.")
+    if pointRAS is not None:
+        return pointPromptFromWorld(image, pointRAS)
+    if boxRAS is not None:
+        cornerA, cornerB = boxRAS
+        return boxPromptFromWorldCorners(image, boxCornersFromTwoPoints(cornerA, cornerB))
+    return promptFromMarkups(image, markupsNode)
+
+
+def lesionCell(volumeNode, lesionId: int) -> LesionCell:
+    cell = LesionCell(volumeNode.GetID())
+    node = segments.timepointSegmentationNode(volumeNode)
+    segmentId = segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
+    if segmentId is None:
+        return cell
+    voxels = segments.segmentVoxels(node, segmentId)
+    cell.status = segments.lesionStatus(node.GetSegmentation().GetSegment(segmentId), voxels)
+    cell.volumeMl = voxels.count * voxels.voxelVolumeMm3 / 1000.0
+    if voxels.centroidIJK is not None:
+        cell.centreRAS = ijkToWorldPoint(volumeNode, voxels.centroidIJK)
+    return cell
+
+
+def ijkToWorldPoint(volumeNode, pointIJK) -> tuple[float, float, float]:
+    """Through the volume's IJKToRAS and its parent transforms (linear or not)."""
+    import vtk
+
+    ijkToRAS = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijkToRAS)
+    localRAS = ijkToRAS.MultiplyPoint([*map(float, pointIJK), 1.0])[:3]
+    worldRAS = [0.0, 0.0, 0.0]
+    volumeNode.TransformPointToWorld(localRAS, worldRAS)
+    return tuple(worldRAS)
+
+
+def trackingTargetsInTimeOrder(request: TrackingRequest) -> list[tuple[str, list[int]]]:
+    """[(target volume ID, lesion ids to find there)] in time order."""
+    steps = []
+    for volumeID in request.timepointIDs:
+        lesionIds = [lesionId for lesionId, targetID in request.targets if targetID == volumeID]
+        if lesionIds:
+            steps.append((volumeID, lesionIds))
+    return steps
+
+
+def groupBySource(timepointIDs: list[str], targetID: str, lesionIds: list[int],
+                  masks: dict[tuple[int, str], np.ndarray]) -> dict[str, list[int]]:
+    """Each lesion is tracked from the nearest earlier scan where it is known, else from the nearest later one;
+    a lesion known nowhere else is left out."""
+    targetIndex = timepointIDs.index(targetID)
+    earlierFirst = timepointIDs[targetIndex - 1::-1] if targetIndex else []
+    candidates = earlierFirst + timepointIDs[targetIndex + 1:]
+    groups: dict[str, list[int]] = {}
+    for lesionId in lesionIds:
+        source = next((volumeID for volumeID in candidates if (lesionId, volumeID) in masks), None)
+        if source is not None:
+            groups.setdefault(source, []).append(lesionId)
+    return groups
+
+
+def _scaledProgress(progress, number: int, count: int, targetName: str):
+    def report(fraction: float, stage: str) -> None:
+        progress((number + fraction) / count, f"{stage} ({targetName}, scan {number + 1}/{count})")
+
+    return report
+
+
+def _unique(nodes: list) -> list:
+    unique = []
+    for node in nodes:
+        if node not in unique:
+            unique.append(node)
+    return unique
+
+
+def checkpointMegabytes(modelRoot: Path) -> float:
+    from LesionLocatorLib.models.layout import CHECKPOINT_NAME, validate_model_root
+
+    folder = validate_model_root(modelRoot).task_folders.get("point")
+    checkpoints = sorted(folder.glob(f"fold_*/{CHECKPOINT_NAME}")) if folder else []
+    return checkpoints[0].stat().st_size / 1e6 if checkpoints else 0.0
+
+
+def runsOnCPU(device: str) -> bool:
+    """True when the engine will use the CPU; 'auto' is checked only if torch is already installed."""
+    if device == "cpu":
+        return True
+    if device != "auto" or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())

@@ -1,0 +1,76 @@
+"""Markups and world points -> engine prompts in voxel indices of an engine image.
+
+The image is the world-geometry ImageVolume of a timepoint (geometry.imageVolumeFromVolumeNode), so a world RAS
+point maps to the volume's voxel indices through the volume's parent transform; markups positions are read in world
+coordinates, which applies the markup's own parent transform.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from LesionLocatorLib.errors import PromptError
+from LesionLocatorLib.image import ImageVolume
+
+
+def pointPromptFromWorld(image: ImageVolume, pointRAS):
+    from LesionLocatorLib.prompts import PointPrompt  # engine dependencies are installed on first use
+
+    indexZYX = image.ras_to_index_zyx(np.asarray(pointRAS, float))
+    return PointPrompt(tuple(float(v) for v in indexZYX))
+
+
+def boxPromptFromWorldCorners(image: ImageVolume, cornersRAS) -> "BoxPrompt":
+    """The voxel box holding every voxel centre inside the box spanned by `cornersRAS` (any number of points).
+
+    Rounds as LesionLocatorLib.prompts.BoxPrompt.from_physical does, but from all corners of a box that may be
+    rotated relative to the voxel axes (an ROI in an oblique view), not from two corners of an axis-aligned one.
+    """
+    from LesionLocatorLib.prompts import BoxPrompt
+
+    indexZYX = image.ras_to_index_zyx(np.asarray(cornersRAS, float))
+    lo = np.ceil(indexZYX.min(axis=0) - 0.5)
+    hi = np.floor(indexZYX.max(axis=0) + 0.5)
+    return BoxPrompt(tuple(float(v) for v in lo), tuple(float(v) for v in hi))
+
+
+def boxCornersFromTwoPoints(cornerA_RAS, cornerB_RAS) -> np.ndarray:
+    """The 8 corners (8, 3) of the RAS-axis-aligned box with opposite corners A and B."""
+    a, b = np.asarray(cornerA_RAS, float), np.asarray(cornerB_RAS, float)
+    return np.array([[(a, b)[i][0], (a, b)[j][1], (a, b)[k][2]] for i, j, k in itertools.product((0, 1), repeat=3)])
+
+
+def roiCornersWorld(roiNode) -> np.ndarray:
+    """The 8 corners (8, 3) of a markups ROI in world RAS (its parent transform applied, linear or not)."""
+    objectToNode = np.array(
+        [[roiNode.GetObjectToNodeMatrix().GetElement(r, c) for c in range(4)] for r in range(4)]
+    )
+    halfSize = np.asarray(roiNode.GetSize(), float) / 2.0
+    cornersWorld = []
+    for signs in itertools.product((-1.0, 1.0), repeat=3):
+        cornerNode = (objectToNode @ np.append(halfSize * np.asarray(signs), 1.0))[:3]
+        cornerWorld = [0.0, 0.0, 0.0]
+        roiNode.TransformPointToWorld(cornerNode, cornerWorld)
+        cornersWorld.append(cornerWorld)
+    return np.asarray(cornersWorld)
+
+
+def lastControlPointWorld(markupsNode) -> np.ndarray:
+    count = markupsNode.GetNumberOfControlPoints()
+    if count == 0:
+        raise PromptError(f"'{markupsNode.GetName()}' has no point. Click on the lesion to place one.")
+    position = [0.0, 0.0, 0.0]
+    markupsNode.GetNthControlPointPositionWorld(count - 1, position)
+    return np.asarray(position)
+
+
+def promptFromMarkups(image: ImageVolume, markupsNode):
+    """A point prompt from a fiducial list (its last point) or a box prompt from an ROI."""
+    if markupsNode.IsA("vtkMRMLMarkupsROINode"):
+        if markupsNode.GetNumberOfControlPoints() == 0:
+            raise PromptError(f"The box '{markupsNode.GetName()}' is not placed yet. Drag a box around the lesion.")
+        return boxPromptFromWorldCorners(image, roiCornersWorld(markupsNode))
+    if markupsNode.IsA("vtkMRMLMarkupsFiducialNode"):
+        return pointPromptFromWorld(image, lastControlPointWorld(markupsNode))
+    raise PromptError(f"'{markupsNode.GetName()}' is a {markupsNode.GetClassName()}; use a point list or an ROI.")
