@@ -17,13 +17,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-
-TASK_FOLDERS = {
-    "point": Path("LesionLocatorSeg") / "point_optimized",
-    "box": Path("LesionLocatorSeg") / "bbox_optimized",
-    "track": Path("LesionLocatorTrack"),
-}
-MODEL_MANIFEST = "lesionlocator_model.json"
+from .models.layout import MODEL_MANIFEST, TASK_FOLDERS
 ALLOWED_NETWORK_PREFIX = "dynamic_network_architectures.architectures."
 ALLOWED_IMPORT_PREFIXES = ("torch.nn.",)
 

@@ -156,6 +156,11 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def write_volume(array: np.ndarray, reference: ImageVolume, path: str | os.PathLike) -> None:
+    """Write an array on `reference`'s grid (size, spacing, origin, direction copied)."""
+    sitk.WriteImage(reference.to_sitk(np.asarray(array)), str(path), useCompression=True)
+
+
 def write_mask(mask: np.ndarray, reference: ImageVolume, path: str | os.PathLike) -> None:
-    """Write a uint8 mask on `reference`'s grid (size, spacing, origin, direction copied)."""
-    sitk.WriteImage(reference.to_sitk(np.asarray(mask, dtype=np.uint8)), str(path), useCompression=True)
+    """Write a uint8 0/1 mask on `reference`'s grid."""
+    write_volume(np.asarray(mask, dtype=np.uint8), reference, path)

@@ -46,9 +46,9 @@ class BoxPrompt:
         a, b = np.asarray(corner_a, float), np.asarray(corner_b, float)
         corners = np.array([[(a, b)[i][0], (a, b)[j][1], (a, b)[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
         index = _physical_to_index_zyx(image, corners, space)
-        # voxel centres inside the physical box: ceil/floor on the half-voxel-shifted bounds
-        lo = np.ceil(index.min(axis=0) - 0.5)
-        hi = np.floor(index.max(axis=0) + 0.5)
+        # the voxels whose centres lie inside the physical box (tolerance for corners placed on centres)
+        lo = np.ceil(index.min(axis=0) - 1e-4)
+        hi = np.floor(index.max(axis=0) + 1e-4) + 1
         return cls(tuple(float(v) for v in lo), tuple(float(v) for v in hi))
 
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from LesionLocatorLib.image import ImageVolume
+from LesionLocatorLib.image import ImageVolume, read_image
 from LesionLocatorLib.measurements import LesionMeasurement, MeasurementError, measure_lesion
 
 
@@ -96,6 +98,36 @@ def test_oblique_grid_about_a_diagonal_with_anisotropic_spacing():
     direction = rotation((1, 1, 1), 30)
     image, mask, centre = ellipsoid_on_grid((16, 50, 50), (0.7, 0.7, 2.5), direction, semi_axes)
     assert_matches(measure_lesion(image, mask), semi_axes, centre, voxel_mm=2.5)
+
+
+def oblique_copy(image: ImageVolume, mask: np.ndarray, direction_lps: np.ndarray, spacing_xyz) -> tuple:
+    """Image (linear) and mask (nearest) resampled onto a rotated grid around the same centre, large enough."""
+    extent_mm = np.asarray(image.shape_zyx[::-1]) * image.spacing_xyz
+    size_xyz = np.ceil(1.5 * extent_mm / spacing_xyz).astype(int)
+    centre_lps = image.index_zyx_to_lps((np.asarray(image.shape_zyx) - 1) / 2.0)
+    reference = sitk.Image(size_xyz.tolist(), sitk.sitkUInt8)
+    reference.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    reference.SetDirection(direction_lps.flatten().tolist())
+    reference.SetOrigin((centre_lps - direction_lps @ (np.asarray(spacing_xyz) * (size_xyz - 1) / 2.0)).tolist())
+    resampled_image = sitk.Resample(image.to_sitk(), reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    resampled_mask = sitk.Resample(image.to_sitk(mask), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return ImageVolume.from_sitk(resampled_image), sitk.GetArrayFromImage(resampled_mask)
+
+
+def test_real_ct_organ_measures_the_same_on_an_oblique_grid():
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator_examples"
+    if not (folder / "example_seg.nii.gz").exists():
+        pytest.skip(f"shared TotalSegmentator example CT not found in {folder}")
+    image = read_image(folder / "example_ct_sm.nii.gz")  # 3 mm, RAS-oriented NIfTI
+    kidney = (read_image(folder / "example_seg.nii.gz").array == 2).astype(np.uint8)
+    original = measure_lesion(image, kidney, intensity_unit="HU")
+    tilted = rotation((1, 0, 0), 20) @ image.direction_lps
+    oblique_image, oblique_kidney = oblique_copy(image, kidney, tilted, (2.0, 2.0, 2.5))
+    oblique = measure_lesion(oblique_image, oblique_kidney, intensity_unit="HU")
+    assert oblique.volume_ml == pytest.approx(original.volume_ml, rel=0.02)
+    for name in ("long_axis_mm", "short_axis_mm", "max_diameter_3d_mm"):
+        assert getattr(oblique, name) == pytest.approx(getattr(original, name), abs=3.0), name
+    assert np.allclose(oblique.centroid_lps, original.centroid_lps, atol=1.5)
 
 
 def test_flipped_axes_as_in_ras_oriented_nifti():

@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 
 SEG_FOLDER = "LesionLocatorSeg"
 TRACK_FOLDER = "LesionLocatorTrack"
-# Same mapping as LesionLocatorLib.checkpoint.TASK_FOLDERS, kept here so that validation needs no torch.
+# Task -> folder of the official layout; here (not in checkpoint.py) so that validation needs no torch.
 TASK_FOLDERS = {
     "point": Path(SEG_FOLDER) / "point_optimized",
     "box": Path(SEG_FOLDER) / "bbox_optimized",

@@ -1,0 +1,173 @@
+"""The Segmenter API and command line on good and bad inputs (tiny official-format checkpoints)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from LesionLocatorLib import cli
+from LesionLocatorLib.errors import LesionLocatorError, PromptError
+from LesionLocatorLib.image import ImageVolume, read_image, write_mask
+from LesionLocatorLib.prompts import (
+    BoxPrompt, MaskPrompt, PointPrompt, dense_point, load_prompt_json, split_instance_mask,
+)
+from LesionLocatorLib.segmentation import Segmenter
+from golden import FIXTURES, dice, require
+
+TINY = FIXTURES / "tiny"
+IMAGE = FIXTURES / "inputs" / "A_ts1" / "image" / "A_ts1.nii.gz"
+LESION_1_ZYX = (24.15, 33.10, 19.97)
+LESION_2_ZYX = (30.08, 40.00, 47.14)
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    return Segmenter.from_folder(require(TINY), device="cpu", preset="fast")
+
+
+@pytest.fixture(scope="module")
+def image() -> ImageVolume:
+    return read_image(require(IMAGE))
+
+
+def test_point_ball_has_739_voxels():
+    assert dense_point((10, 10, 10), (21, 21, 21)).sum() == 739
+    assert dense_point((0, 0, 0), (21, 21, 21)).sum() < 739  # clipped at the border, no wrap-around
+
+
+def test_bad_prompts_fail_alone_and_others_still_run(segmenter, image):
+    prompts = {
+        1: PointPrompt(LESION_1_ZYX),
+        2: PointPrompt((24, 33, 500)),  # outside
+        3: BoxPrompt((20, 30, 16), (20, 38, 25)),  # empty along z
+        4: BoxPrompt((29, 38, 25), (20, 30, 16)),  # inverted
+        5: BoxPrompt((100, 100, 100), (120, 120, 120)),  # outside
+        6: MaskPrompt(np.zeros(image.shape_zyx, np.uint8)),  # empty
+        7: MaskPrompt(np.zeros((3, 3, 3), np.uint8)),  # wrong grid
+    }
+    result = segmenter.segment(image, prompts)
+    assert sorted(result.masks) == [1]
+    assert result.masks[1].sum() > 50
+    assert "outside the image" in result.errors[2]
+    assert "zero width" in result.errors[3]
+    assert "Inverted" in result.errors[4]
+    assert "outside the image" in result.errors[5]
+    assert "empty" in result.errors[6]
+    assert "shape" in result.errors[7]
+
+
+def test_box_partly_outside_is_clipped(segmenter, image):
+    result = segmenter.segment(image, {1: BoxPrompt((20, 30, -5), (29, 38, 25))})
+    assert result.masks[1].sum() > 50 and not result.errors
+
+
+def test_physical_prompts_in_lps_and_ras_match_voxel_prompts(segmenter, image):
+    lps = image.index_zyx_to_lps(LESION_2_ZYX)
+    ras = image.index_zyx_to_ras(LESION_2_ZYX)
+    by_voxel = segmenter.segment(image, {2: PointPrompt(LESION_2_ZYX)}).masks[2]
+    by_lps = segmenter.segment(image, {2: PointPrompt.from_physical(image, lps, "LPS")}).masks[2]
+    by_ras = segmenter.segment(image, {2: PointPrompt.from_physical(image, ras, "RAS")}).masks[2]
+    assert np.array_equal(by_voxel, by_lps) and np.array_equal(by_voxel, by_ras)
+    box = BoxPrompt.from_physical(image, image.index_zyx_to_ras((20, 30, 16)), image.index_zyx_to_ras((28, 37, 24)), "RAS")
+    assert box.lo_zyx == (20, 30, 16) and box.hi_zyx == (29, 38, 25)  # the voxel centres inside, half-open
+
+
+def test_instance_masks_with_gaps_and_large_ids(segmenter, image):
+    gt = read_image(require(FIXTURES / "inputs" / "A_ts1" / "gt" / "A_ts1_gt_inst.nii.gz")).array
+    labels = np.where(gt == 1, 7, np.where(gt == 2, 300, 0)).astype(np.uint16)
+    masks = split_instance_mask(labels)
+    assert sorted(masks) == [7, 300]
+    result = segmenter.segment(image, {k: MaskPrompt(v) for k, v in masks.items()})
+    assert sorted(result.masks) == [7, 300]
+    for lesion_id, truth in ((7, gt == 1), (300, gt == 2)):
+        assert dice(result.masks[lesion_id], truth) > 0.5
+
+
+def test_binary_mask_is_split_into_connected_lesions():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    labels[6:9, 6:9, 6:9] = 1
+    masks = split_instance_mask(labels)
+    assert sorted(masks) == [1, 2]
+    assert sorted(int(m.sum()) for m in masks.values()) == [8, 27]
+    with pytest.raises(PromptError, match="empty"):
+        split_instance_mask(np.zeros((3, 3, 3)))
+
+
+def test_prompt_json_accepts_strings_and_numbers_and_reports_bad_lesions(tmp_path: Path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"1": {"point": ["1.5", 2, 3]}, "2": {"box": [1, 2, 3, 4, 5, 6]},
+                                "3": {"point": [1, 2]}, "4": {"circle": [1]}, "5": {"point": ["a", "b", "c"]}}))
+    prompts, errors = load_prompt_json(path)
+    assert prompts[1] == PointPrompt((1.5, 2.0, 3.0))
+    assert prompts[2] == BoxPrompt((1, 3, 5), (2, 4, 6))
+    assert sorted(errors) == [3, 4, 5]
+    path.write_text("{not json")
+    with pytest.raises(PromptError, match="not valid JSON"):
+        load_prompt_json(path)
+
+
+def test_probabilities_and_no_nan_outside_the_patch(segmenter, image):
+    result = segmenter.segment(image, {1: PointPrompt(LESION_1_ZYX)}, return_probabilities=True)
+    probability = result.probabilities[1]
+    assert probability.shape == image.shape_zyx and np.isfinite(probability).all()
+    assert np.array_equal(probability > 0.5, result.masks[1] > 0)
+    assert probability[0, 0, 0] < 0.01  # far from the prompt: background, not NaN
+
+
+def test_roi_mode_matches_exact_mode_on_a_flipped_direction_image(image):
+    exact = Segmenter.from_folder(TINY, device="cpu", preset="fast", mode="exact").segment(
+        image, {1: PointPrompt(LESION_1_ZYX)})
+    roi = Segmenter.from_folder(TINY, device="cpu", preset="fast", mode="roi").segment(
+        image, {1: PointPrompt(LESION_1_ZYX)})
+    assert dice(exact.masks[1], roi.masks[1]) >= 0.97
+
+
+def test_image_smaller_than_patch_is_padded(segmenter, image):
+    small = ImageVolume(image.array[18:30, 25:45, 10:30], image.spacing_xyz, image.origin_lps, image.direction_lps)
+    result = segmenter.segment(small, {1: PointPrompt((6.15, 8.1, 9.97))})
+    assert result.masks[1].shape == small.shape_zyx and result.masks[1].sum() > 20
+
+
+def test_presets_and_options(image):
+    fast = Segmenter.from_folder(TINY, device="cpu", preset="fast")
+    fast.segment(image, {1: PointPrompt(LESION_1_ZYX)})
+    assert fast.model_for("point").predictor.forward_passes == 1
+    accurate = Segmenter.from_folder(TINY, device="cpu", preset="accurate")
+    assert accurate.use_tta and len(accurate.model_for("point").predictor.networks) == 2
+    with pytest.raises(LesionLocatorError, match="preset"):
+        Segmenter.from_folder(TINY, preset="turbo")
+    with pytest.raises(LesionLocatorError, match="mode"):
+        Segmenter.from_folder(TINY, mode="fastest")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(LesionLocatorError, match="no CUDA GPU"):
+            Segmenter.from_folder(TINY, device="cuda")
+
+
+def test_cli_never_overwrites_and_can_continue(tmp_path: Path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"1": {"point": list(LESION_1_ZYX)}, "2": {"point": [0, 0, 999]}}))
+    command = ["segment", "-i", str(IMAGE), "-p", str(prompts), "-o", str(tmp_path / "out"), "-t", "point",
+               "-m", str(TINY), "-device", "cpu", "--preset", "fast", "--disable_progress_bar"]
+    assert cli.main(command) == 1  # lesion 2 failed, reported, lesion 1 written
+    assert "lesion 2 skipped" in capsys.readouterr().err
+    written = tmp_path / "out" / "A_ts1_lesion_1.nii.gz"
+    before = written.read_bytes()
+    assert cli.main(command) == 2
+    assert "already exists" in capsys.readouterr().err and written.read_bytes() == before
+    assert cli.main(command + ["--continue_prediction"]) == 0
+    assert cli.main(command + ["--overwrite"]) == 1
+
+
+def test_cli_reads_a_dicom_series_folder(tmp_path: Path):
+    from golden import SHARED
+
+    dicom = require(SHARED / "data" / "totalsegmentator_examples" / "example_ct_dicom")
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"1": {"box": [8, 12, 240, 280, 240, 280]}}))
+    assert cli.main(["segment", "-i", str(dicom), "-p", str(prompts), "-o", str(tmp_path / "o"), "-t", "box",
+                     "-m", str(TINY), "-device", "cpu", "--preset", "fast", "--disable_progress_bar"]) == 0
+    output = read_image(tmp_path / "o" / "example_ct_dicom_lesion_1.nii.gz")
+    assert output.shape_zyx == (20, 512, 512)
