@@ -151,6 +151,7 @@ class LesionTrackingLogic:
     """Promptable segmentation and longitudinal tracking of lesions in an MRML scene."""
 
     def __init__(self, scene, worker: EngineWorker | None = None, dicomDatabase=None) -> None:
+        segments.ensureSegmentationConverterRules()
         self.scene = scene
         self.settings = EngineSettings()
         self.worker = worker or EngineWorker()
@@ -319,7 +320,7 @@ class LesionTrackingLogic:
         for nodeID in step.createdNodeIDs:
             node = self.scene.GetNodeByID(nodeID)
             if node is not None and node.GetSegmentation().GetNumberOfSegments() == 0:
-                self.scene.RemoveNode(node)
+                segments.removeSegmentationNode(node)
         return step.description
 
     @property

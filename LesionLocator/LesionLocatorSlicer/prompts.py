@@ -13,6 +13,8 @@ import numpy as np
 from LesionLocatorLib.errors import PromptError
 from LesionLocatorLib.image import ImageVolume
 
+ROUNDING_TOLERANCE = 1e-6  # a face through a voxel centre keeps that voxel despite floating-point error
+
 
 def pointPromptFromWorld(image: ImageVolume, pointRAS):
     from LesionLocatorLib.prompts import PointPrompt  # engine dependencies are installed on first use
@@ -22,16 +24,17 @@ def pointPromptFromWorld(image: ImageVolume, pointRAS):
 
 
 def boxPromptFromWorldCorners(image: ImageVolume, cornersRAS) -> "BoxPrompt":
-    """The voxel box holding every voxel centre inside the box spanned by `cornersRAS` (any number of points).
-
-    Rounds as LesionLocatorLib.prompts.BoxPrompt.from_physical does, but from all corners of a box that may be
-    rotated relative to the voxel axes (an ROI in an oblique view), not from two corners of an axis-aligned one.
-    """
+    """The half-open voxel box of the voxel centres inside the box spanned by `cornersRAS` (any number of points,
+    so a box rotated relative to the voxel axes, e.g. an ROI drawn in an oblique view, works too). A box thinner
+    than a voxel keeps the voxel it crosses."""
     from LesionLocatorLib.prompts import BoxPrompt
 
     indexZYX = image.ras_to_index_zyx(np.asarray(cornersRAS, float))
-    lo = np.ceil(indexZYX.min(axis=0) - 0.5)
-    hi = np.floor(indexZYX.max(axis=0) + 0.5)
+    lowest, highest = indexZYX.min(axis=0), indexZYX.max(axis=0)
+    lo = np.ceil(lowest - ROUNDING_TOLERANCE)
+    hi = np.floor(highest + ROUNDING_TOLERANCE) + 1
+    crossed = np.round((lowest + highest) / 2.0)
+    lo, hi = np.where(hi > lo, lo, crossed), np.where(hi > lo, hi, crossed + 1)
     return BoxPrompt(tuple(float(v) for v in lo), tuple(float(v) for v in hi))
 
 

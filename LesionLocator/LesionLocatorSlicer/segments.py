@@ -50,6 +50,15 @@ def lesionColour(lesionId: int) -> tuple[float, float, float]:
     return LESION_COLOURS[(lesionId - 1) % len(LESION_COLOURS)]
 
 
+def ensureSegmentationConverterRules() -> None:
+    """Slicer registers the labelmap <-> surface rules at startup; a bare slicer-core process (scripts, tests) does
+    not, and segments cannot be created without them."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
 # --- nodes -------------------------------------------------------------------------------------------------------
 def timepointSegmentationNode(volumeNode, create: bool = False):
     """The LesionLocator segmentation of a timepoint volume (created on request), or None."""
@@ -71,16 +80,32 @@ def _createTimepointSegmentationNode(volumeNode):
     node.CreateDefaultDisplayNodes()
     node.SetAttribute(TIMEPOINT_ATTRIBUTE, "1")
     node.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
     syncTransform(node, volumeNode)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
     placeInSubjectHierarchy(node, volumeNode)
     return node
 
 
+def removeSegmentationNode(node) -> None:
+    """The node and its display and storage nodes (the scene does not remove those by itself)."""
+    scene = node.GetScene()
+    helpers = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
+    helpers += [node.GetNthStorageNode(index) for index in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None:
+            scene.RemoveNode(helper)
+
+
 def syncTransform(segmentationNode, volumeNode) -> None:
-    """Masks are on the volume's voxel grid, so the segmentation moves with the volume's parent transform."""
+    """Masks are on the volume's voxel grid, so the segmentation moves with the volume's parent transform.
+
+    The reference geometry is computed relative to the segmentation's own transform, so it is set after the
+    transform: with the same transform it is the volume's local grid, which the written labelmaps use (otherwise
+    saving resamples them)."""
     if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
         segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
 
 
 def placeInSubjectHierarchy(node, volumeNode) -> None:
