@@ -241,7 +241,9 @@ def _longest_perpendicular_chord(polygon: np.ndarray, long_ends: np.ndarray) -> 
     for cut in position:
         spans = (np.minimum(pos_start, pos_end) <= cut) & (cut <= np.maximum(pos_start, pos_end))
         span_length = pos_end[spans] - pos_start[spans]
-        fraction = np.divide(cut - pos_start[spans], span_length, out=np.zeros_like(span_length), where=span_length != 0)
+        fraction = np.divide(
+            cut - pos_start[spans], span_length, out=np.zeros_like(span_length), where=span_length != 0
+        )
         points = edge_start[spans] + fraction[:, None] * (edge_end[spans] - edge_start[spans])
         offsets = points @ across
         ends = points[[np.argmin(offsets), np.argmax(offsets)]]

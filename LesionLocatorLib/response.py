@@ -217,7 +217,8 @@ def _lesion_changes(series: LesionSeries, n_timepoints: int) -> list[LesionChang
     volumes = _changes([series.volume_ml(t) for t in present])
     diameters = _changes([series.diameter_mm(t) for t in present])
     before = [
-        LesionChange(series.lesion_id, t, series.status(t), _NO_CHANGE, _NO_CHANGE) for t in range(series.first_timepoint)
+        LesionChange(series.lesion_id, t, series.status(t), _NO_CHANGE, _NO_CHANGE)
+        for t in range(series.first_timepoint)
     ]
     return before + [
         LesionChange(series.lesion_id, t, series.status(t), volume, diameter)
@@ -292,8 +293,9 @@ def _category(
         return NE, f"target lesion(s) not measured: {', '.join(map(str, missing))}"
     if _is_complete_response(t, targets):
         return CR, "all non-nodal targets gone, all nodal targets < 10 mm short axis"
-    if sum_change.change_from_baseline_pct is not None and sum_change.change_from_baseline_pct <= 100 * PR_FRACTION + _TOLERANCE:
-        return PR, f"sum {_format_pct(sum_change.change_from_baseline_pct)} from baseline"
+    from_baseline_pct = sum_change.change_from_baseline_pct
+    if from_baseline_pct is not None and from_baseline_pct <= 100 * PR_FRACTION + _TOLERANCE:
+        return PR, f"sum {_format_pct(from_baseline_pct)} from baseline"
     return SD, "neither partial response nor progression"
 
 

@@ -109,7 +109,9 @@ def oblique_copy(image: ImageVolume, mask: np.ndarray, direction_lps: np.ndarray
     reference.SetSpacing(tuple(float(s) for s in spacing_xyz))
     reference.SetDirection(direction_lps.flatten().tolist())
     reference.SetOrigin((centre_lps - direction_lps @ (np.asarray(spacing_xyz) * (size_xyz - 1) / 2.0)).tolist())
-    resampled_image = sitk.Resample(image.to_sitk(), reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    resampled_image = sitk.Resample(
+        image.to_sitk(), reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32
+    )
     resampled_mask = sitk.Resample(image.to_sitk(mask), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     return ImageVolume.from_sitk(resampled_image), sitk.GetArrayFromImage(resampled_mask)
 
