@@ -156,37 +156,55 @@ def write_study(folder, images, masks) -> list:
     return image_paths
 
 
+def tracking_entry(t: int, lesion_id: int, masks) -> dict:
+    """A timepoint entry as `lesionlocator track` writes it (mask null when not found)."""
+    mask = masks[lesion_id][t]
+    found = mask is not None and bool(mask.any())
+    return {
+        "timepoint": t,
+        "found": found,
+        "volume_ml": 0.0,
+        "centre_lps": None,
+        "centre_ras": None,
+        "source": "tracked" if mask is not None else "new",
+        "message": "" if found else "not found at this timepoint",
+        "mask": f"tp{t}_lesion_{lesion_id}.nii.gz" if found else None,
+    }
+
+
 def test_cli_reads_the_tracking_result(tmp_path, capsys):
-    images, masks = synthetic_study()
+    images, masks = synthetic_study(n_timepoints=3)
+    masks[2][2] = np.zeros(SHAPE_ZYX, dtype=np.uint8)  # the tracker lost the node at the last follow-up
     write_study(tmp_path, images, masks)
     tracking = {
         "format": "lesionlocator-tracking/1",
         "timepoints": [
             {"index": t, "name": name, "image": f"tp{t}.nii.gz", "study_date": date}
-            for t, (name, date) in enumerate([("baseline", "2024-01-02"), ("follow-up", None)])
+            for t, (name, date) in enumerate([("baseline", "2024-01-02"), ("fu1", None), ("fu2", None)])
         ],
         "lesions": {
             str(lesion_id): {
                 "name": f"Liver {lesion_id}",
                 "is_lymph_node": False,
-                "first_timepoint": 0,
-                "timepoints": [
-                    {"timepoint": t, "found": True, "mask": f"tp{t}_lesion_{lesion_id}.nii.gz", "message": ""}
-                    for t in range(2)
-                ],
+                "first_timepoint": 2 if lesion_id == 3 else 0,
+                "timepoints": [tracking_entry(t, lesion_id, masks) for t in range(3)],
             }
             for lesion_id in masks
         },
+        "registrations_computed": 2,
     }
     (tmp_path / "lesions.json").write_text(json.dumps(tracking), encoding="utf-8")
     out = tmp_path / "report"
     arguments = [str(tmp_path / "lesions.json"), "-o", str(out), "--lymph-nodes", "2", "--intensity-unit", "HU"]
     assert call_cli(arguments) == 0
     document = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert [lesion["is_lymph_node"] for lesion in document["lesions"]] == [False, True]
+    assert [lesion["is_lymph_node"] for lesion in document["lesions"]] == [False, True, False]
     assert document["timepoints"][0] == {"index": 0, "name": "baseline", "study_date": "2024-01-02"}
     assert document["lesions"][0]["name"] == "Liver 1"
-    assert "baseline: BL" in capsys.readouterr().out
+    assert [t["status"] for t in document["lesions"][1]["timepoints"]] == ["found", "found", "not found"]
+    assert [t["status"] for t in document["lesions"][2]["timepoints"]][:2] == ["not yet present"] * 2
+    assert [r["category"] for r in document["response"]] == ["BL", "PR", "PD"]
+    assert "fu2: PD" in capsys.readouterr().out
 
     assert call_cli(arguments) == 1
     assert "--overwrite" in capsys.readouterr().err

@@ -89,20 +89,24 @@ def load_images_and_masks(image_paths: list[str | os.PathLike], masks_dir: str |
 
 
 def _add_tracked_lesion(inputs: ReportInputs, lesion_id: int, lesion: dict, folder: Path) -> None:
+    first_timepoint = int(lesion.get("first_timepoint", 0))
     masks: list[np.ndarray | None] = [None] * len(inputs.images)
     for entry in lesion["timepoints"]:
         t = int(entry["timepoint"])
         if not 0 <= t < len(inputs.images):
             raise ReportError(f"Lesion {lesion_id} refers to timepoint {t}, which is not in the timepoint list.")
+        if t < first_timepoint:
+            continue  # before a new lesion appeared
         if entry.get("mask"):
             masks[t] = _read_mask(folder / entry["mask"], inputs.images[t])
         elif not entry.get("found", True):
-            masks[t] = np.zeros(inputs.images[t].shape_zyx, dtype=np.uint8)
+            # An empty segmentation; a read-only broadcast zero costs no memory however large the image.
+            masks[t] = np.broadcast_to(np.uint8(0), inputs.images[t].shape_zyx)
         if entry.get("confirmed_absent"):
             inputs.confirmed_absent.setdefault(lesion_id, set()).add(t)
     inputs.masks[lesion_id] = masks
     inputs.lesion_names[lesion_id] = str(lesion.get("name") or f"Lesion {lesion_id}")
-    inputs.first_timepoints[lesion_id] = int(lesion.get("first_timepoint", 0))
+    inputs.first_timepoints[lesion_id] = first_timepoint
     if lesion.get("is_lymph_node"):
         inputs.lymph_nodes.add(lesion_id)
 
