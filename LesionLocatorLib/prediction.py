@@ -74,6 +74,10 @@ def tile_starts(shape_zyx, patch_zyx, prompt_min, prompt_max, step_size: float) 
     return list(itertools.product(*overlapping))
 
 
+def centred_tile_start(centre_zyx, shape_zyx, patch_zyx) -> tuple[int, int, int]:
+    return tuple(min(max(int(c) - p // 2, 0), s - p) for c, s, p in zip(centre_zyx, shape_zyx, patch_zyx))
+
+
 @dataclass
 class PredictionSettings:
     device: torch.device
@@ -120,14 +124,19 @@ class PatchPredictor:
                     self.forward_passes += 1
         return (total / (len(self.networks) * (len(combinations) + 1)))[0].cpu().numpy()
 
-    def predict(self, image_czyx: np.ndarray, prompt_zyx: np.ndarray,
-                cancel_event: threading.Event | None = None) -> tuple[np.ndarray, Region]:
+    def predict(self, image_czyx: np.ndarray, prompt_zyx: np.ndarray, cancel_event: threading.Event | None = None,
+                centre_zyx=None) -> tuple[np.ndarray, Region]:
         """Logits (classes, z, y, x) over the region covered by the predicted tiles, and that region
-        in the coordinates of `image_czyx` (unpadded). Images smaller than the patch are zero-padded, centred."""
+        in the coordinates of `image_czyx` (unpadded). Images smaller than the patch are zero-padded, centred.
+        With `centre_zyx`, one patch centred there (the tracker's placement) instead of around the prompt."""
         stacked = np.concatenate([image_czyx, prompt_zyx[None]], axis=0).astype(np.float32, copy=False)
         padded, unpad = pad_nd_image(stacked, self.patch_size, "constant", {"constant_values": 0}, True)
-        prompt_min, prompt_max = inclusive_bbox(padded[-1] > 0)
-        starts = tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max, self.settings.step_size)
+        if centre_zyx is None:
+            prompt_min, prompt_max = inclusive_bbox(padded[-1] > 0)
+            starts = tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max, self.settings.step_size)
+        else:
+            starts = [centred_tile_start(np.asarray(centre_zyx) + [s.start for s in unpad[1:]], padded.shape[1:],
+                                         self.patch_size)]
         lo = np.min(starts, axis=0)
         hi = np.max(starts, axis=0) + self.patch_size
         logits = None

@@ -1,0 +1,125 @@
+"""`LesionLocator_track` / `lesionlocator track`: drop-in for the official tracking command line.
+
+`-bl baseline -fu follow-up... -p prompt(s) -t point|box|prev_mask -o out -m model -f folds -device`. Writes the
+official file names (`<stem>_lesion_<id>.nii.gz`, with the baseline masks too for point/box prompts) and
+`lesions.json`: for every lesion and timepoint found/not found, mask file, volume and centre.
+Lesion ids are kept along the chain (the official code renumbers them after the first follow-up).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from natsort import natsorted
+
+from .errors import LesionLocatorError, PromptError
+from .image import ImageVolume, image_stem, read_image, write_mask
+from .prompts import MaskPrompt, Prompt, load_prompt_json, split_instance_mask
+from .segment_cli import add_model_options, resolve_model_root, stderr_progress
+
+TRACKING_FORMAT = "lesionlocator-tracking/1"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-bl", "--baseline", required=True, help="baseline image (file or DICOM folder)")
+    parser.add_argument("-fu", "--followups", nargs="+", required=True, help="follow-up images, in time order")
+    parser.add_argument("-p", "--prompt", nargs="+", required=True,
+                        help="point/box JSON, a lesion instance map, or one binary mask file per lesion")
+    parser.add_argument("-t", "--prompt_type", choices=("point", "box", "prev_mask"), required=True)
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--registration", choices=("auto", "gradicon", "classical"), default="auto",
+                        help="auto: the model's network if it has one, else classical (SimpleITK)")
+    add_model_options(parser)
+
+
+def read_track_prompts(paths: list[str], prompt_type: str, baseline: ImageVolume) -> tuple[dict[int, Prompt], dict[int, str]]:
+    if prompt_type in ("point", "box"):
+        if len(paths) != 1 or not paths[0].endswith(".json"):
+            raise PromptError(f"-t {prompt_type} needs one JSON prompt file; got {paths}.")
+        prompts, errors = load_prompt_json(paths[0])
+        wrong = [k for k, p in prompts.items() if type(p).__name__.lower() != f"{prompt_type}prompt"]
+        for lesion_id in wrong:
+            errors[lesion_id] = f"lesion {lesion_id} is not a {prompt_type} prompt (-t {prompt_type})"
+            del prompts[lesion_id]
+        return prompts, errors
+    masks = [read_image(p) for p in natsorted(paths)]
+    for path, mask in zip(natsorted(paths), masks):
+        if mask.shape_zyx != baseline.shape_zyx:
+            raise PromptError(f"Mask {path} has shape {mask.shape_zyx}; the baseline {baseline.shape_zyx}.")
+    if len(masks) == 1:
+        return {k: MaskPrompt(v) for k, v in split_instance_mask(masks[0].array).items()}, {}
+    # a list of per-lesion masks: lesion k is the k-th file in natural order (official numbering)
+    return {k: MaskPrompt(m.array > 0) for k, m in enumerate(masks, start=1)}, {}
+
+
+def output_stems(baseline: Path, followups: list[Path]) -> list[str]:
+    """Official stems, made unique when two timepoints share a file name (official code overwrites)."""
+    stems = [image_stem(p) for p in [baseline, *followups]]
+    unique = []
+    for index, stem in enumerate(stems):
+        if stems.count(stem) > 1:
+            unique.append(f"{stem}_tp{index}")
+            print(f"Timepoints share the name '{stem}': writing timepoint {index} as '{stem}_tp{index}'.", file=sys.stderr)
+        else:
+            unique.append(stem)
+    return unique
+
+
+def mask_file(stem: str, lesion_id: int, timepoint: int, official_baseline: bool) -> str:
+    """Official name; baseline masks given as prompts are copied under prompts/ so the report can use them."""
+    name = f"{stem}_lesion_{lesion_id}.nii.gz"
+    return name if timepoint > 0 or official_baseline else f"prompts/{name}"
+
+
+def tracking_json(result, stems: list[str], paths: list[Path], write_baseline: bool) -> dict:
+    lesions = {}
+    for lesion_id, history in sorted(result.lesions.items()):
+        first = next((r.timepoint for r in history if r.source != "new"), 0)
+        entries = []
+        for record in history:
+            entry = record.summary()
+            entry["mask"] = mask_file(stems[record.timepoint], lesion_id, record.timepoint, write_baseline) \
+                if record.found else None
+            entries.append(entry)
+        lesions[str(lesion_id)] = {"name": f"Lesion {lesion_id}", "is_lymph_node": False, "first_timepoint": first,
+                                   "timepoints": entries}
+    timepoints = [{"index": i, "name": stems[i], "image": str(Path(p).resolve()), "study_date": None}
+                  for i, p in enumerate(paths)]
+    return {"format": TRACKING_FORMAT, "timepoints": timepoints, "lesions": lesions,
+            "registrations_computed": result.registrations_computed}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .tracking import Tracker
+
+    output = Path(args.output)
+    paths = [Path(args.baseline), *map(Path, args.followups)]
+    images = [read_image(p) for p in paths]
+    prompts, errors = read_track_prompts(args.prompt, args.prompt_type, images[0])
+    if not prompts:
+        raise PromptError(f"No usable prompt: {errors}")
+    stems = output_stems(paths[0], paths[1:])
+    write_baseline = args.prompt_type != "prev_mask"
+    targets = [output / f"{stem}_lesion_{k}.nii.gz" for stem in (stems if write_baseline else stems[1:]) for k in prompts]
+    existing = [p for p in targets + [output / "lesions.json"] if p.exists()]
+    if existing and not args.overwrite:
+        raise LesionLocatorError(f"{existing[0]} already exists; nothing was overwritten. Use another -o or --overwrite.")
+    output.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker.from_folder(resolve_model_root(args.model), device=args.device, preset=args.preset,
+                                  folds=args.folds, use_tta=False if args.disable_tta else None,
+                                  registration=args.registration)
+    result = tracker.track(images, prompts, progress=stderr_progress(not args.disable_progress_bar))
+    (output / "prompts").mkdir(exist_ok=True)
+    for lesion_id, history in result.lesions.items():
+        for record in history:
+            if record.found:
+                name = mask_file(stems[record.timepoint], lesion_id, record.timepoint, write_baseline)
+                write_mask(record.mask, images[record.timepoint], output / name)
+            elif record.source != "new":
+                print(f"lesion {lesion_id}, {stems[record.timepoint]}: {record.message}", file=sys.stderr)
+    for lesion_id, message in errors.items():
+        print(f"lesion {lesion_id} skipped: {message}", file=sys.stderr)
+    (output / "lesions.json").write_text(json.dumps(tracking_json(result, stems, paths, write_baseline), indent=1))
+    return 1 if errors else 0

@@ -1,0 +1,325 @@
+"""Longitudinal tracking: a lesion prompted once is found and segmented in every follow-up.
+
+Per (earlier, later) scan pair: both scans are preprocessed with the Track plans, z-aligned when their slice counts
+differ a lot, registered ONCE (per fold and mirror when ensembling), and every lesion mask of the earlier scan is
+warped with that one deformation; a U-Net patch around each warped mask's centre of mass then segments the lesion
+in the later scan. A lesion whose warped mask or prediction is empty is reported as not found (the official code
+guesses a random location instead). All arrays are (z, y, x).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
+from .errors import CheckpointError, LesionLocatorError, PromptError
+from .image import ImageVolume
+from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
+from .preprocessing import PreprocessedImage, Preprocessor
+from .prompts import MaskPrompt, Prompt
+from .registration import make_registration
+from .registration.base import Deformation, Registration
+from .registration.zalign import z_alignment_windows
+from .segmentation import PRESETS, Segmenter, check_preset, choose_folds
+
+Progress = Callable[[float, str], None]
+# Logit difference outside the U-Net patch: the official tracker fills (background 1, foreground 0) there.
+OUTSIDE_FG_MINUS_BG = -1.0
+UNET_PREFIX = "unet."
+REGISTRATION_PREFIX = "reg_net."
+
+
+@dataclass
+class LesionAtTimepoint:
+    """One lesion at one timepoint: the correspondence record the API, the CLI JSON and Slicer use."""
+
+    lesion_id: int
+    timepoint: int
+    found: bool
+    mask: np.ndarray | None = field(default=None, repr=False)  # uint8 (z, y, x) on that timepoint's grid
+    volume_ml: float = 0.0
+    centre_lps: tuple[float, float, float] | None = None
+    centre_ras: tuple[float, float, float] | None = None
+    source: str = "tracked"  # "prompted" (segmented from a prompt there) or "tracked"
+    message: str = ""
+
+    def summary(self) -> dict:
+        return {"timepoint": self.timepoint, "found": self.found, "volume_ml": round(self.volume_ml, 4),
+                "centre_lps": _rounded(self.centre_lps), "centre_ras": _rounded(self.centre_ras),
+                "source": self.source, "message": self.message}
+
+
+@dataclass
+class TrackingResult:
+    timepoints: list[ImageVolume]
+    lesions: dict[int, list[LesionAtTimepoint]]
+    registrations_computed: int = 0
+
+
+def _rounded(point) -> list[float] | None:
+    return None if point is None else [round(float(v), 3) for v in point]
+
+
+def lesion_record(lesion_id: int, timepoint: int, image: ImageVolume, mask: np.ndarray | None, source: str,
+                  message: str = "") -> LesionAtTimepoint:
+    """Volume and centre of a lesion mask; an empty or missing mask is 'not found'."""
+    if mask is None or not np.any(mask):
+        return LesionAtTimepoint(lesion_id, timepoint, False, None, source=source,
+                                 message=message or "not found at this timepoint; place a prompt on it to re-prompt")
+    centre_zyx = np.asarray(ndimage.center_of_mass(mask))
+    volume_ml = float(mask.sum()) * float(np.prod(image.spacing_xyz)) / 1000.0
+    return LesionAtTimepoint(lesion_id, timepoint, True, mask.astype(np.uint8), volume_ml,
+                             tuple(image.index_zyx_to_lps(centre_zyx)), tuple(image.index_zyx_to_ras(centre_zyx)),
+                             source, message)
+
+
+def fingerprint(image: ImageVolume) -> str:
+    """Content hash of voxels and geometry: the cache key of preprocessing and registrations."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(image.array).view(np.uint8).data)
+    digest.update(repr((image.array.dtype.str, image.shape_zyx, image.spacing_xyz, image.origin_lps,
+                        image.direction_lps.round(6).tolist())).encode())
+    return digest.hexdigest()
+
+
+# --- geometry of preprocessed scans -------------------------------------------------------------------------------
+def preprocessed_volume(pre: PreprocessedImage, original: ImageVolume, z_window: slice) -> ImageVolume:
+    """The (z-windowed) preprocessed array with its true physical geometry (nnU-Net resampling maps new voxel i to
+    original index start + (i + 0.5) * ratio - 0.5), so geometry-aware registrations see real millimetres."""
+    ratio_zyx = np.asarray(pre.region_shape_zyx, float) / np.asarray(pre.shape_zyx, float)
+    first_zyx = pre.region_start_zyx + 0.5 * ratio_zyx - 0.5 + np.array([z_window.start, 0, 0]) * ratio_zyx
+    spacing_zyx = np.asarray(original.spacing_zyx) * ratio_zyx
+    return ImageVolume(pre.data[0, z_window], spacing_xyz=tuple(spacing_zyx[::-1]),
+                       origin_lps=tuple(original.index_zyx_to_lps(first_zyx)), direction_lps=original.direction_lps)
+
+
+def flipped_volume(volume: ImageVolume, axes_zyx: tuple[int, ...]) -> ImageVolume:
+    """Mirror array axes and adjust the geometry so every voxel keeps its physical position."""
+    if not axes_zyx:
+        return volume
+    last_zyx = np.zeros(3)
+    direction = volume.direction_lps.copy()
+    for axis in axes_zyx:
+        last_zyx[axis] = volume.shape_zyx[axis] - 1
+        direction[:, 2 - axis] *= -1  # direction columns are (x, y, z) = array axes (2, 1, 0)
+    return ImageVolume(np.flip(volume.array, axes_zyx), volume.spacing_xyz,
+                       tuple(volume.index_zyx_to_lps(last_zyx)), direction)
+
+
+@dataclass
+class TrackScan:
+    image: ImageVolume
+    pre: PreprocessedImage
+    key: str
+
+
+class TrackFold:
+    """One fold of a tracking model: its registration and its U-Net."""
+
+    def __init__(self, model: ModelFolder, weights: dict, registration: Registration, settings: PredictionSettings):
+        unet_weights = {k[len(UNET_PREFIX):]: v for k, v in weights.items() if k.startswith(UNET_PREFIX)} or {
+            k: v for k, v in weights.items() if not k.startswith(REGISTRATION_PREFIX) and k != "unet_patch_size"}
+        patch = weights.get("unet_patch_size")
+        self.patch_size_zyx = tuple(int(p) for p in patch.tolist()) if patch is not None else model.patch_size_zyx
+        self.registration = registration
+        self.predictor = PatchPredictor(model.build_network(), {0: unet_weights}, self.patch_size_zyx, settings)
+
+
+class Tracker:
+    """Tracks lesions from a baseline through any number of follow-ups (official-format model root)."""
+
+    def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
+                 use_tta: bool | None = None, registration: str = "auto", segmenter: Segmenter | None = None,
+                 segmentation_mode: str = "roi"):
+        check_preset(preset)
+        self.model_root = Path(model_root)
+        self.device = resolve_device(device)
+        self.use_tta = PRESETS[preset]["use_tta"] if use_tta is None else bool(use_tta)
+        folder = resolve_task_folder(self.model_root, "track")
+        self.model = load_checkpoint_folder(folder, choose_folds(folder, preset, folds))
+        self.preprocessor = Preprocessor(self.model)
+        self.registration_name = self._registration_name(registration)
+        settings = PredictionSettings(self.device, use_tta=False, mirror_axes=())
+        self.folds = [
+            TrackFold(self.model, weights, make_registration(self.registration_name, weights, self.device), settings)
+            for weights in self.model.fold_weights.values()
+        ]
+        self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
+                                                use_tta=use_tta, mode=segmentation_mode)
+        self._scans: dict[str, TrackScan] = {}
+        self._deformations: dict[tuple, Deformation] = {}
+        self.registrations_computed = 0
+
+    @classmethod
+    def from_folder(cls, model_root: str | Path, **options) -> "Tracker":
+        return cls(model_root, **options)
+
+    def _registration_name(self, requested: str) -> str:
+        has_network = any(k.startswith(REGISTRATION_PREFIX) for k in next(iter(self.model.fold_weights.values())))
+        if requested == "auto":
+            return "gradicon" if has_network else read_model_manifest(self.model_root).get("registration", "classical")
+        if requested == "gradicon" and not has_network:
+            raise CheckpointError(f"{self.model.path} has no registration network; use registration='classical'.")
+        return requested
+
+    @property
+    def mirror_combinations(self) -> list[tuple[int, ...]]:
+        """The official tracking TTA: every subset of the three spatial axes (8 passes), whatever the checkpoint says."""
+        if not self.use_tta:
+            return [()]
+        return [c for n in range(4) for c in itertools.combinations((0, 1, 2), n)]
+
+    # --- caches ------------------------------------------------------------------------------------------------
+    def scan(self, image: ImageVolume) -> TrackScan:
+        key = fingerprint(image)
+        if key not in self._scans:
+            self._scans[key] = TrackScan(image, self.preprocessor.preprocess(image), key)
+        return self._scans[key]
+
+    def deformation(self, earlier: TrackScan, later: TrackScan, windows, fold: int, axes) -> Deformation:
+        key = (earlier.key, later.key, fold, axes)
+        if key not in self._deformations:
+            moving = flipped_volume(preprocessed_volume(earlier.pre, earlier.image, windows[0]), axes)
+            fixed = flipped_volume(preprocessed_volume(later.pre, later.image, windows[1]), axes)
+            self._deformations[key] = self.folds[fold].registration.register(moving, fixed)
+            self.registrations_computed += 1
+        return self._deformations[key]
+
+    def clear_cache(self) -> None:
+        self._scans.clear()
+        self._deformations.clear()
+
+    # --- one step ----------------------------------------------------------------------------------------------
+    def track_step(self, earlier: ImageVolume, later: ImageVolume, masks: dict[int, np.ndarray],
+                   progress: Progress | None = None, cancel_event: threading.Event | None = None,
+                   timepoint: int = 1) -> dict[int, LesionAtTimepoint]:
+        """Masks of the earlier scan (on its grid) -> each lesion on the later scan."""
+        report = progress or (lambda fraction, stage: None)
+        for lesion_id, mask in masks.items():
+            if tuple(mask.shape) != earlier.shape_zyx:
+                raise PromptError(f"Lesion {lesion_id}: mask shape {mask.shape} is not the earlier scan's {earlier.shape_zyx}.")
+        report(0.0, "preprocessing")
+        scan0, scan1 = self.scan(earlier), self.scan(later)
+        check_cancel(cancel_event)
+        prompts_pre = self._masks_in_preprocessed_space(masks, scan0)
+        windows = z_alignment_windows(scan0.pre.data[0], scan1.pre.data[0])
+        window_shape = scan1.pre.data[0, windows[1]].shape
+        sums = {lesion_id: np.zeros(window_shape, np.float32) for lesion_id in masks}
+        counts = dict.fromkeys(masks, 0)
+        passes = [(fold, axes) for fold in range(len(self.folds)) for axes in self.mirror_combinations]
+        for number, (fold, axes) in enumerate(passes):
+            check_cancel(cancel_event)
+            report(number / len(passes), f"registering {number + 1}/{len(passes)}")
+            deformation = self.deformation(scan0, scan1, windows, fold, axes)
+            fixed = np.flip(scan1.pre.data[:, windows[1]], tuple(a + 1 for a in axes)) if axes else scan1.pre.data[:, windows[1]]
+            for lesion_id, prompt in prompts_pre.items():
+                check_cancel(cancel_event)
+                moving_mask = np.flip(prompt[windows[0]], axes) if axes else prompt[windows[0]]
+                warped = deformation.warp_mask(moving_mask)
+                if not np.any(warped):
+                    continue
+                difference = self._unet_difference(self.folds[fold], np.ascontiguousarray(fixed), warped)
+                sums[lesion_id] += np.flip(difference, axes) if axes else difference
+                counts[lesion_id] += 1
+        report(0.95, "resampling")
+        results = {}
+        for lesion_id in masks:
+            if counts[lesion_id] == 0:
+                results[lesion_id] = lesion_record(lesion_id, timepoint, later, None, "tracked",
+                                                   "not found: the registration moved the lesion out of the scan")
+                continue
+            mask = self._to_original(sums[lesion_id] / counts[lesion_id], scan1, windows[1])
+            results[lesion_id] = lesion_record(lesion_id, timepoint, later, mask, "tracked",
+                                               "" if np.any(mask) else "not found: the model saw no lesion where it moved to")
+        report(1.0, "done")
+        return results
+
+    def _masks_in_preprocessed_space(self, masks: dict[int, np.ndarray], scan: TrackScan) -> dict[int, np.ndarray]:
+        region = scan.pre.region
+        resampled = {}
+        for lesion_id, mask in masks.items():
+            labels = self.preprocessor.resample_segmentation(np.asarray(mask[region] > 0, np.uint8),
+                                                             scan.pre.original_spacing_zyx, scan.pre.shape_zyx)
+            resampled[lesion_id] = labels > 0
+        return resampled
+
+    def _unet_difference(self, fold: TrackFold, fixed_czyx: np.ndarray, warped_zyx: np.ndarray) -> np.ndarray:
+        """One U-Net patch centred on the warped mask's rounded centre of mass; background elsewhere."""
+        centre = np.round(ndimage.center_of_mass(warped_zyx)).astype(int)
+        logits, region = fold.predictor.predict(fixed_czyx, warped_zyx.astype(np.float32), centre_zyx=centre)
+        difference = np.full(fixed_czyx.shape[1:], OUTSIDE_FG_MINUS_BG, np.float32)
+        difference[region] = logits[1] - logits[0]
+        return difference
+
+    def _to_original(self, difference_window: np.ndarray, scan: TrackScan, z_window: slice) -> np.ndarray:
+        difference = np.full(scan.pre.shape_zyx, OUTSIDE_FG_MINUS_BG, np.float32)
+        difference[z_window] = difference_window
+        mask = np.zeros(scan.image.shape_zyx, np.uint8)
+        mask[scan.pre.region] = self.preprocessor.logits_to_original(difference[None], scan.pre)[0] > 0
+        return mask
+
+    # --- chains ------------------------------------------------------------------------------------------------
+    def track(self, timepoints: list[ImageVolume], prompts: dict[int, Prompt], progress: Progress | None = None,
+              cancel_event: threading.Event | None = None,
+              reprompts: dict[int, dict[int, Prompt]] | None = None) -> TrackingResult:
+        """Baseline prompts (point, box or mask) -> every lesion at every timepoint. `reprompts[t][id]` re-prompts
+        a lesion at timepoint t (it is segmented there, and tracking goes on from that result)."""
+        if len(timepoints) < 1:
+            raise LesionLocatorError("Give at least one timepoint (the baseline).")
+        report = progress or (lambda fraction, stage: None)
+        steps = len(timepoints)
+        lesions: dict[int, list[LesionAtTimepoint]] = {lesion_id: [] for lesion_id in prompts}
+        for t, image in enumerate(timepoints):
+            check_cancel(cancel_event)
+            stage = lambda fraction, text, t=t: report((t + fraction) / steps, f"timepoint {t + 1}/{steps}: {text}")
+            prompted = dict(prompts) if t == 0 else dict((reprompts or {}).get(t, {}))
+            for lesion_id in prompted:  # a new lesion first prompted at a follow-up
+                lesions.setdefault(lesion_id, [LesionAtTimepoint(lesion_id, earlier, False, source="new",
+                                                                 message="first prompted at a later timepoint")
+                                               for earlier in range(t)])
+            current = self._prompted(t, image, prompted, stage, cancel_event)
+            current.update(self._tracked(t, timepoints, lesions, set(prompted), stage, cancel_event))
+            for lesion_id, record in current.items():
+                lesions[lesion_id].append(record)
+        report(1.0, "done")
+        return TrackingResult(list(timepoints), lesions, self.registrations_computed)
+
+    def _prompted(self, t: int, image: ImageVolume, prompts: dict[int, Prompt], stage, cancel_event) -> dict:
+        if not prompts:
+            return {}
+        direct = {k: v for k, v in prompts.items() if isinstance(v, MaskPrompt)}
+        to_segment = {k: v for k, v in prompts.items() if k not in direct}
+        result = self.segmenter.segment(image, to_segment, stage, cancel_event) if to_segment else None
+        records = {}
+        for lesion_id in prompts:
+            if lesion_id in direct:
+                mask, message = direct[lesion_id].mask, ""
+            else:
+                mask, message = result.masks.get(lesion_id), result.errors.get(lesion_id, "")
+            records[lesion_id] = lesion_record(lesion_id, t, image, mask, "prompted", message)
+        return records
+
+    def _tracked(self, t: int, timepoints, lesions, prompted: set, stage, cancel_event) -> dict:
+        """Lesions not prompted at t, tracked from the last timepoint where each was found."""
+        by_source: dict[int, dict[int, np.ndarray]] = {}
+        records = {}
+        for lesion_id, history in lesions.items():
+            if lesion_id in prompted or t == 0:
+                continue
+            found = [r for r in history if r.found]
+            if not found:
+                records[lesion_id] = lesion_record(lesion_id, t, timepoints[t], None, "tracked",
+                                                   "not found at any earlier timepoint; prompt it here")
+                continue
+            by_source.setdefault(found[-1].timepoint, {})[lesion_id] = found[-1].mask
+        for source, masks in sorted(by_source.items()):
+            records.update(self.track_step(timepoints[source], timepoints[t], masks, stage, cancel_event, t))
+        return records

@@ -1,0 +1,146 @@
+"""Segmentation speed and memory: `exact` (whole image, as the official code) vs `roi` (around the prompt).
+
+Makes a whole-body-sized CT (512x512x400 voxels at 0.8x0.8x2.5 mm) and a full-size ResEnc-L checkpoint with
+random weights in the official format, then segments one point-prompted lesion in each mode with preset `fast`,
+each in its own process, and prints wall time and peak memory of the segment() call and the ratios exact/roi
+measured in this one run. It also prints the share of the roi time spent in the network pass.
+
+    python benchmarks/segment_speed.py [--work DIR] [--threads N] [--shape-zyx 400 512 512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# nnUNetResEncUNetLPlans-style 3d_fullres architecture (6 stages, 32..320 features)
+RESENC_L = {
+    "n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320], "conv_op": "torch.nn.modules.conv.Conv3d",
+    "kernel_sizes": [[3, 3, 3]] * 6, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+    "n_blocks_per_stage": [1, 3, 4, 6, 6, 6], "n_conv_per_stage_decoder": [1, 1, 1, 1, 1], "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+}
+PATCH_ZYX = [128, 160, 160]
+SPACING_ZYX = [1.0, 0.8, 0.8]
+
+
+def write_checkpoint_root(root: Path) -> None:
+    import torch
+
+    from LesionLocatorLib.checkpoint import build_network_from_architecture, save_checkpoint
+
+    architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                    "arch_kwargs": RESENC_L, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}}
+    plans = {
+        "dataset_name": "LesionLocatorSeg", "plans_name": "nnUNetResEncUNetLPlans", "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "foreground_intensity_properties_per_channel": {"0": {"mean": -63.0, "std": 282.4, "percentile_00_5": -918.0,
+                                                              "percentile_99_5": 723.0}},
+        "configurations": {"3d_fullres": {"patch_size": PATCH_ZYX, "spacing": SPACING_ZYX, "batch_size": 2,
+                                          "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+                                          "preprocessor_name": "DefaultPreprocessor", "data_identifier": "bench",
+                                          "architecture": architecture, **resampling},
+                           "3d_fullres_bs3": {"inherits_from": "3d_fullres", "batch_size": 3}},
+    }
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}
+    torch.manual_seed(0)
+    weights = build_network_from_architecture(architecture, 2, 2).state_dict()
+    folder = root / "LesionLocatorSeg" / "point_optimized"
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    save_checkpoint(folder / "fold_0", weights, "LesionLocatorTrainerSegment", "3d_fullres_bs3")
+    shutil.copytree(folder, root / "LesionLocatorSeg" / "bbox_optimized")
+
+
+def make_ct(shape_zyx) -> "ImageVolume":
+    from LesionLocatorLib.image import ImageVolume
+
+    z, y, x = np.ogrid[: shape_zyx[0], : shape_zyx[1], : shape_zyx[2]]
+    body = ((y - shape_zyx[1] / 2) / (0.42 * shape_zyx[1])) ** 2 + ((x - shape_zyx[2] / 2) / (0.47 * shape_zyx[2])) ** 2 < 1
+    rng = np.random.default_rng(0)
+    array = np.where(body, 40, -1000).astype(np.int16) + rng.normal(0, 15, shape_zyx).astype(np.int16)
+    lesion = ((z - shape_zyx[0] / 2) * 2.5) ** 2 + ((y - shape_zyx[1] / 2) * 0.8) ** 2 + ((x - shape_zyx[2] / 3) * 0.8) ** 2 < 15 ** 2
+    array[lesion] -= 60
+    return ImageVolume(array, spacing_xyz=(0.8, 0.8, 2.5))
+
+
+def _memory_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(mode: str, root: str, shape_zyx, threads: int, queue) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from LesionLocatorLib.prompts import PointPrompt
+    from LesionLocatorLib.segmentation import Segmenter
+
+    image = make_ct(shape_zyx)
+    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast", mode=mode)
+    model = segmenter.model_for("point")
+    network_seconds = []
+    predict_tile = model.predictor._predict_tile
+
+    def timed_tile(tile):
+        start = time.perf_counter()
+        result = predict_tile(tile)
+        network_seconds.append(time.perf_counter() - start)
+        return result
+
+    model.predictor._predict_tile = timed_tile
+    before = _memory_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
+    start = time.perf_counter()
+    result = segmenter.segment(image, {1: PointPrompt((shape_zyx[0] / 2, shape_zyx[1] / 2, shape_zyx[2] / 3))})
+    wall = time.perf_counter() - start
+    queue.put({"mode": mode, "wall_s": wall, "network_s": sum(network_seconds), "peak_extra_mib": (_memory_kib("VmHWM") - before) / 1024,
+               "peak_total_mib": _memory_kib("VmHWM") / 1024, "lesion_voxels": int(result.masks[1].sum())})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=None, help="folder for the random checkpoint (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape-zyx", type=int, nargs=3, default=[400, 512, 512])
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="ll_bench_"))
+    root = work / "resencl_random"
+    if not root.exists():
+        write_checkpoint_root(root)
+    context = mp.get_context("spawn")
+    results = {}
+    for mode in ("roi", "exact"):
+        queue = context.Queue()
+        process = context.Process(target=measure, args=(mode, str(root), tuple(args.shape_zyx), args.threads, queue))
+        process.start()
+        results[mode] = queue.get()
+        process.join()
+        r = results[mode]
+        print(f"{mode:5s}: {r['wall_s']:7.1f} s (network {r['network_s']:.1f} s), peak +{r['peak_extra_mib']:.0f} MiB "
+              f"(total {r['peak_total_mib']:.0f} MiB), lesion voxels {r['lesion_voxels']}", flush=True)
+    roi, exact = results["roi"], results["exact"]
+    print(f"image {tuple(args.shape_zyx)} (z,y,x) at 0.8x0.8x2.5 mm, ResEnc-L random weights, patch {PATCH_ZYX}, preset fast")
+    print(f"ratio exact/roi: wall time {exact['wall_s'] / roi['wall_s']:.1f}x, peak memory {exact['peak_extra_mib'] / max(roi['peak_extra_mib'], 1):.1f}x")
+    print(f"roi mode: network pass {100 * roi['network_s'] / roi['wall_s']:.0f}% of the time")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
