@@ -35,6 +35,8 @@ Segment = tuple[Point, Point]
 # A vertex this close (mm) to a cutting plane belongs to the cross-section even if rounding puts its
 # edges on one side only.
 _PLANE_TOLERANCE_MM = 1e-6
+# Long axes this close (mm) count as equally long; the longer short axis then decides.
+_TIE_MM = 1e-6
 # Cosine above which a voxel axis counts as parallel to LPS z (the grid's slices are then axial).
 _PARALLEL_COSINE = 1.0 - 1e-6
 # Rows per block when searching the farthest pair, bounding memory to block x n distances.
@@ -95,9 +97,9 @@ def measure_lesion(image: ImageVolume, mask: np.ndarray, intensity_unit: str = "
     if voxel_count == 0:
         return LesionMeasurement.not_found(intensity_unit)
 
-    vertices_lps, edges = _surface_lps(image, lesion)
-    section = _longest_axial_section(vertices_lps, edges, _axial_plane_positions(image, vertices_lps[:, 2]))
-    diameter_3d_mm, diameter_3d_ends = _max_diameter_3d(vertices_lps)
+    surface = _surface_lps(image, lesion)
+    section = _longest_axial_section(surface, _axial_plane_positions(image, surface.vertices_lps[:, 2]))
+    diameter_3d_mm, diameter_3d_ends = _max_diameter_3d(surface.vertices_lps)
     centroid_lps = image.index_zyx_to_lps(np.argwhere(lesion).mean(axis=0))
     values = image.array[lesion]
     n_components = cc3d.connected_components(lesion.astype(np.uint8), connectivity=26, return_N=True)[1]
@@ -146,8 +148,29 @@ def _segment_lps(ends_xy: np.ndarray, plane_z_lps: float) -> Segment:
 
 
 # --- surface -------------------------------------------------------------------------------------------------
-def _surface_lps(image: ImageVolume, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Marching-cubes surface of the mask: vertices (n, 3) in LPS mm and unique edges (m, 2)."""
+@dataclass(frozen=True)
+class _Surface:
+    """Marching-cubes surface in LPS mm; vertices and edges sorted by z so a plane cut reads only a thin band."""
+
+    vertices_lps: np.ndarray  # (n, 3), sorted by z
+    edge_low_lps: np.ndarray  # (m, 3) the lower end of each edge; edges sorted by its z
+    edge_high_lps: np.ndarray  # (m, 3) the upper end
+    max_edge_height: float
+
+    def cross_section_xy(self, plane_z: float) -> np.ndarray:
+        """LPS (x, y) of the points where the surface meets the plane z = plane_z."""
+        low_z = self.edge_low_lps[:, 2]
+        band = slice(*np.searchsorted(low_z, [plane_z - self.max_edge_height, plane_z]))
+        low, high = self.edge_low_lps[band], self.edge_high_lps[band]
+        low, high = low[high[:, 2] >= plane_z], high[high[:, 2] >= plane_z]  # low z < plane_z <= high z
+        fraction = (plane_z - low[:, 2]) / (high[:, 2] - low[:, 2])
+        crossings = low[:, :2] + fraction[:, None] * (high[:, :2] - low[:, :2])
+        on_plane = slice(*np.searchsorted(self.vertices_lps[:, 2], plane_z + np.array([-1, 1]) * _PLANE_TOLERANCE_MM))
+        return np.concatenate([crossings, self.vertices_lps[on_plane, :2]])
+
+
+def _surface_lps(image: ImageVolume, lesion: np.ndarray) -> _Surface:
+    """Iso-surface (level 0.5) of the mask's bounding box, in LPS mm."""
     occupied = np.argwhere(lesion)
     low_zyx, high_zyx = occupied.min(axis=0), occupied.max(axis=0) + 1
     crop = lesion[tuple(slice(lo, hi) for lo, hi in zip(low_zyx, high_zyx))]
@@ -155,8 +178,19 @@ def _surface_lps(image: ImageVolume, lesion: np.ndarray) -> tuple[np.ndarray, np
     padded = np.pad(crop, 1).astype(np.float32)
     vertices_zyx, faces, _, _ = marching_cubes(padded, level=0.5, allow_degenerate=False)
     vertices_lps = image.index_zyx_to_lps(vertices_zyx + low_zyx - 1)
-    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
-    return vertices_lps, np.unique(edges, axis=0)
+    n = len(vertices_lps)
+    pairs = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1).astype(np.int64)
+    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])  # each edge is shared by two triangles: keep one
+    start, end = vertices_lps[keys // n], vertices_lps[keys % n]
+    start_is_low = (start[:, 2] <= end[:, 2])[:, None]
+    low, high = np.where(start_is_low, start, end), np.where(start_is_low, end, start)
+    order = np.argsort(low[:, 2], kind="stable")
+    return _Surface(
+        vertices_lps=vertices_lps[np.argsort(vertices_lps[:, 2], kind="stable")],
+        edge_low_lps=low[order],
+        edge_high_lps=high[order],
+        max_edge_height=float((high[:, 2] - low[:, 2]).max(initial=0.0)),
+    )
 
 
 def _axial_plane_positions(image: ImageVolume, vertex_z_lps: np.ndarray) -> np.ndarray:
@@ -180,32 +214,22 @@ def _voxel_axis_along_lps_z(direction_lps: np.ndarray) -> int | None:
 
 
 # --- axial (RECIST) diameters --------------------------------------------------------------------------------
-def _longest_axial_section(vertices_lps: np.ndarray, edges: np.ndarray, planes_z: np.ndarray) -> _AxialSection:
+def _longest_axial_section(surface: _Surface, planes_z: np.ndarray) -> _AxialSection:
     """Among the axial cuts, the one with the longest diameter (ties: the longer short axis)."""
-    sections = [
-        _axial_section(points_xy, float(z))
-        for z in planes_z
-        if len(points_xy := _cross_section_xy(vertices_lps, edges, float(z))) > 0
-    ]
-    return max(sections, key=lambda s: (s.long_axis_mm, s.short_axis_mm))
+    cuts = []  # (plane z, convex hull, long axis ends, long axis mm)
+    for plane_z in planes_z:
+        points_xy = surface.cross_section_xy(float(plane_z))
+        if len(points_xy):
+            hull = _convex_polygon(points_xy)
+            ends = _farthest_pair(hull)
+            cuts.append((float(plane_z), hull, ends, float(np.linalg.norm(ends[1] - ends[0]))))
+    longest = max(cut[3] for cut in cuts)
+    # The short axis is needed only where the long axis is (or ties with) the longest one.
+    sections = [_axial_section(*cut) for cut in cuts if cut[3] >= longest - _TIE_MM]
+    return max(sections, key=lambda section: section.short_axis_mm)
 
 
-def _cross_section_xy(vertices_lps: np.ndarray, edges: np.ndarray, plane_z: float) -> np.ndarray:
-    """LPS (x, y) of the points where the surface meets the plane z = plane_z."""
-    start, end = vertices_lps[edges[:, 0]], vertices_lps[edges[:, 1]]
-    below_start, below_end = start[:, 2] < plane_z, end[:, 2] < plane_z
-    crossing = below_start != below_end
-    start, end = start[crossing], end[crossing]
-    fraction = (plane_z - start[:, 2]) / (end[:, 2] - start[:, 2])
-    crossings = start[:, :2] + fraction[:, None] * (end[:, :2] - start[:, :2])
-    on_plane = vertices_lps[np.abs(vertices_lps[:, 2] - plane_z) <= _PLANE_TOLERANCE_MM, :2]
-    return np.concatenate([crossings, on_plane])
-
-
-def _axial_section(points_xy: np.ndarray, plane_z: float) -> _AxialSection:
-    hull = _convex_polygon(points_xy)
-    long_ends = _farthest_pair(hull)
-    long_mm = float(np.linalg.norm(long_ends[1] - long_ends[0]))
+def _axial_section(plane_z: float, hull: np.ndarray, long_ends: np.ndarray, long_mm: float) -> _AxialSection:
     short_ends = _longest_perpendicular_chord(hull, long_ends) if long_mm > 0 else long_ends
     return _AxialSection(
         plane_z_lps=plane_z,
