@@ -125,3 +125,13 @@ def test_empty_markups_are_refused(scene, transformedVolume):
         prompts.promptFromMarkups(image, scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode"))
     with pytest.raises(PromptError, match="use a point list or an ROI"):
         prompts.promptFromMarkups(image, scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode"))
+
+
+def test_roi_drawn_in_a_slice_view_gets_depth_but_a_3d_roi_is_kept(scene):
+    flat = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    flat.SetSize(30.0, 0.0, 20.0)
+    assert prompts.deepenFlatROI(flat)
+    assert flat.GetSize() == (30.0, 25.0, 20.0)
+    box = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    box.SetSize(30.0, 12.0, 20.0)
+    assert not prompts.deepenFlatROI(box) and box.GetSize() == (30.0, 12.0, 20.0)

@@ -9,6 +9,7 @@ worker Job at once and `onDone` runs on the main thread when the Widget polls th
 """
 from __future__ import annotations
 
+import enum
 import functools
 import importlib.util
 import threading
@@ -28,7 +29,6 @@ from .timepoints import orderTimepoints
 from .worker import EngineWorker, Job
 
 MODEL_LITE, MODEL_OFFICIAL, MODEL_CUSTOM = "lite", "official", "custom"
-MODEL_CHOICES = (MODEL_LITE, MODEL_OFFICIAL, MODEL_CUSTOM)
 DEVICES = ("auto", "cuda", "cpu", "mps")
 PRESETS = ("fast", "accurate")
 REGISTRATIONS = ("auto", "gradicon", "classical")
@@ -36,6 +36,18 @@ LARGE_CHECKPOINT_MB = 150  # the official ResEnc-L folds are several hundred MB;
 UNDO_DEPTH = 20
 
 OnDone = Callable[[Any, BaseException | None], None]
+
+
+class ModelChoice(enum.Enum):
+    """The model setting; `label()` is what the parameter node wrapper shows in a combo box."""
+
+    LITE = MODEL_LITE
+    OFFICIAL = MODEL_OFFICIAL
+    CUSTOM = MODEL_CUSTOM
+
+    def label(self) -> str:
+        return {"lite": "Bundled Lite model", "official": "Official LesionLocator checkpoint",
+                "custom": "Custom model folder"}[self.value]
 
 
 @dataclass
@@ -141,23 +153,23 @@ class EngineCache:
             from LesionLocatorLib.tracking import Tracker
 
             self._tracker = None
-            self._tracker = (key, Tracker.from_folder(
-                modelRoot, device=settings.device, preset=settings.preset, registration=settings.registration
-            ))
+            segmenter = self.segmenter(modelRoot, settings)  # shared: one copy of the segmentation weights
+            self._tracker = (key, Tracker.from_folder(modelRoot, device=settings.device, preset=settings.preset,
+                                                      registration=settings.registration, segmenter=segmenter))
         return self._tracker[1]
 
 
 class LesionTrackingLogic:
     """Promptable segmentation and longitudinal tracking of lesions in an MRML scene."""
 
-    def __init__(self, scene, worker: EngineWorker | None = None, dicomDatabase=None) -> None:
+    def __init__(self, scene, worker: EngineWorker | None = None) -> None:
         segments.ensureSegmentationConverterRules()
         self.scene = scene
         self.settings = EngineSettings()
         self.worker = worker or EngineWorker()
-        self.dicomDatabase = dicomDatabase
         self.engines = EngineCache()
         self._undoSteps: list[UndoStep] = []
+        self._cpuWarning: tuple[Any, str] = (None, "")  # (settings it was computed for, text)
 
     # --- settings ----------------------------------------------------------------------------------------------
     def modelRoot(self) -> Path:
@@ -167,20 +179,34 @@ class LesionTrackingLogic:
 
     def largeModelOnCPUWarning(self) -> str:
         """A warning to show when the chosen model is large and will run on the CPU ('' otherwise)."""
+        key = (self.settings.model, self.settings.modelFolder, self.settings.device)
+        if self._cpuWarning[0] != key:
+            self._cpuWarning = (key, self._computeLargeModelOnCPUWarning())
+        return self._cpuWarning[1]
+
+    def _computeLargeModelOnCPUWarning(self) -> str:
         try:
-            root = self.modelRoot()
+            megabytes = checkpointMegabytes(self.modelRoot())
         except LesionLocatorError:
             return ""
-        if checkpointMegabytes(root) < LARGE_CHECKPOINT_MB or not runsOnCPU(self.settings.device):
+        if megabytes < LARGE_CHECKPOINT_MB or not runsOnCPU(self.settings.device):
             return ""
         return (
-            f"This model ({checkpointMegabytes(root):.0f} MB per fold) runs on the CPU here: expect minutes per "
-            "lesion. Use a CUDA GPU, or the Lite model for interactive use."
+            f"This model ({megabytes:.0f} MB per fold) runs on the CPU here: expect minutes per lesion. "
+            "Use a CUDA GPU, or the Lite model for interactive use."
         )
 
     # --- timepoints and lesions ----------------------------------------------------------------------------------
     def orderedTimepoints(self, volumeNodes: list) -> list:
-        return orderTimepoints(volumeNodes, self.dicomDatabase)[0]
+        return self.timepointOrder(volumeNodes)[0]
+
+    def timepointOrder(self, volumeNodes: list) -> tuple[list, str]:
+        """(volumes in time order, how they were ordered)."""
+        return orderTimepoints(volumeNodes, self.dicomDatabase())
+
+    def dicomDatabase(self):
+        """The DICOM database to read study dates from (Slicer's, in the module's Logic); None: not used."""
+        return None
 
     def lesionIds(self) -> list[int]:
         return sorted({lesionId for node in self._timepointSegmentations() for lesionId in segments.lesionSegmentIds(node)})
@@ -403,6 +429,13 @@ class LesionTrackingLogic:
 
 
 # --- pure helpers ----------------------------------------------------------------------------------------------------
+def lesionForPrompt(volumeNode, orderedTimepoints: list, currentLesion: int) -> int | None:
+    """The lesion a GUI prompt is for: on the baseline a new one (None); on a follow-up the current lesion, whose
+    tracking the prompt corrects there (a new one if none is selected)."""
+    onBaseline = not orderedTimepoints or volumeNode is orderedTimepoints[0]
+    return currentLesion if currentLesion and not onBaseline else None
+
+
 def promptFromInputs(image: ImageVolume, pointRAS=None, boxRAS=None, markupsNode=None):
     given = [value is not None for value in (pointRAS, boxRAS, markupsNode)]
     if sum(given) != 1:

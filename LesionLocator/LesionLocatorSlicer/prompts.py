@@ -14,6 +14,7 @@ from LesionLocatorLib.errors import PromptError
 from LesionLocatorLib.image import ImageVolume
 
 ROUNDING_TOLERANCE = 1e-6  # a face through a voxel centre keeps that voxel despite floating-point error
+FLAT_FRACTION = 0.1  # an ROI side shorter than this fraction of the longest one was drawn in a slice view
 
 
 def pointPromptFromWorld(image: ImageVolume, pointRAS):
@@ -57,6 +58,18 @@ def roiCornersWorld(roiNode) -> np.ndarray:
         roiNode.TransformPointToWorld(cornerNode, cornerWorld)
         cornersWorld.append(cornerWorld)
     return np.asarray(cornersWorld)
+
+
+def deepenFlatROI(roiNode) -> bool:
+    """An ROI drawn in a slice view is flat, but the box prompt is 3D: the flat side gets the mean length of the
+    two others (a lesion is about as deep as it is wide). Returns whether the ROI was changed."""
+    size = np.asarray(roiNode.GetSize(), float)
+    flat = size < FLAT_FRACTION * size.max()
+    if flat.sum() != 1:
+        return False
+    size[flat] = size[~flat].mean()
+    roiNode.SetSize(*size)
+    return True
 
 
 def lastControlPointWorld(markupsNode) -> np.ndarray:

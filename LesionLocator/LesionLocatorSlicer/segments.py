@@ -13,8 +13,6 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .geometry import arrayFromVTKMatrix
-
 LESION_ID_TAG = "LesionLocator.LesionId"
 STATUS_TAG = "LesionLocator.Status"
 FINGERPRINT_TAG = "LesionLocator.Fingerprint"

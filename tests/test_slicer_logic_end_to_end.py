@@ -1,0 +1,126 @@
+"""The Logic driven end to end with the tiny official-format checkpoint: prompt, track, cancel, undo.
+
+Runs the same flow as the module's self-test (LesionLocatorSlicer.selftest.endToEndFlow). CPU, preset fast,
+classical registration by default; the GradICON network at 175^3 takes minutes on a CPU and is marked slow.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML classes) is not installed")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LesionLocator"))
+
+from LesionLocatorLib.image import read_image  # noqa: E402
+from LesionLocatorSlicer import geometry, segments, selftest  # noqa: E402
+from LesionLocatorSlicer.logic import MODEL_CUSTOM, LesionTrackingLogic  # noqa: E402
+from test_slicer_geometry import addLinearTransform, rigid  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures" / "official"
+TINY_MODEL = FIXTURES / "tiny"
+TRACKING_CASE = FIXTURES / "inputs" / "A_trk"
+LESION_1_BASELINE_INDEX_ZYX = (24.15, 33.10, 19.97)  # inputs/A_trk/prompts/A_trk_bl_points.json, lesion 1
+
+pytestmark = pytest.mark.skipif(not (TINY_MODEL.is_dir() and TRACKING_CASE.is_dir()),
+                                reason=f"tiny checkpoint or tracking inputs missing under {FIXTURES}")
+
+
+@pytest.fixture(scope="module")
+def tinyLogicSettings():
+    return dict(model=MODEL_CUSTOM, modelFolder=str(TINY_MODEL), device="cpu", preset="fast")
+
+
+def newLogic(scene, registration: str = "classical", **settings) -> LesionTrackingLogic:
+    logic = LesionTrackingLogic(scene)
+    for name, value in settings.items():
+        setattr(logic.settings, name, value)
+    logic.settings.registration = registration
+    return logic
+
+
+def loadTimepoints(scene, names):
+    return [geometry.addVolumeNodeFromImage(scene, read_image(TRACKING_CASE / f"A_trk_{name}.nii.gz")) for name in names]
+
+
+def lesionPointRAS(volumeNode):
+    return geometry.imageVolumeFromVolumeNode(volumeNode).index_zyx_to_ras(LESION_1_BASELINE_INDEX_ZYX)
+
+
+def dice(a, b) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def groundTruth(name: str, label: int) -> np.ndarray:
+    return read_image(TRACKING_CASE / "gt" / f"A_trk_{name}_gt_inst.nii.gz").array == label
+
+
+def trackedMask(volumeNode, lesionId: int) -> np.ndarray:
+    node = segments.timepointSegmentationNode(volumeNode)
+    return segments.lesionMaskArray(node, segments.lesionSegmentIds(node)[lesionId], volumeNode)
+
+
+def test_two_timepoints_prompt_track_cancel_undo(tinyLogicSettings):
+    scene = slicer.vtkMRMLScene()
+    volumes = loadTimepoints(scene, ["bl", "fu1"])
+    table = selftest.endToEndFlow(newLogic(scene, **tinyLogicSettings), volumes, lesionPointRAS(volumes[0]))
+    assert table.rows[0].cells[1].status == segments.TRACKED
+
+
+def test_three_timepoints_find_the_lesion_where_it_really_is(tinyLogicSettings):
+    scene = slicer.vtkMRMLScene()
+    volumes = loadTimepoints(scene, ["bl", "fu1", "fu2"])
+    logic = newLogic(scene, **tinyLogicSettings)
+    lesionId = logic.segmentLesion(volumes[0], pointRAS=lesionPointRAS(volumes[0]))
+    results = logic.trackLesion(lesionId, volumes[1:])
+    assert sorted(results[lesionId]) == sorted(node.GetID() for node in volumes[1:])
+    for volume, name in zip(volumes[1:], ["fu1", "fu2"]):
+        assert dice(trackedMask(volume, lesionId), groundTruth(name, 1)) > 0.5, name
+    selftest.checkLesionAtEveryTimepoint(logic, volumes, lesionId)
+
+
+def test_transform_on_a_follow_up_is_honoured(tinyLogicSettings):
+    """The same follow-up voxels moved away by their origin and brought back by a parent transform: same result."""
+    plain, moved = slicer.vtkMRMLScene(), slicer.vtkMRMLScene()
+    plainVolumes, movedVolumes = loadTimepoints(plain, ["bl", "fu1"]), loadTimepoints(moved, ["bl", "fu1"])
+    shift = rigid([0, 0, 1], 0, [30.0, -20.0, 15.0])
+    ijkToRAS = geometry.ijkToWorldMatrix(movedVolumes[1])
+    movedVolumes[1].SetIJKToRASMatrix(geometry.vtkMatrixFromArray(np.linalg.inv(shift) @ ijkToRAS))
+    movedVolumes[1].SetAndObserveTransformNodeID(addLinearTransform(moved, shift).GetID())
+    masks = []
+    for scene, volumes in ((plain, plainVolumes), (moved, movedVolumes)):
+        logic = newLogic(scene, **tinyLogicSettings)
+        lesionId = logic.segmentLesion(volumes[0], pointRAS=lesionPointRAS(volumes[0]))
+        logic.trackLesion(lesionId, volumes[1:])
+        masks.append(trackedMask(volumes[1], lesionId))
+    assert masks[0].any()
+    np.testing.assert_array_equal(masks[0], masks[1])
+
+
+def test_reprompt_on_a_follow_up_pins_it_and_retracking_starts_from_there(tinyLogicSettings):
+    scene = slicer.vtkMRMLScene()
+    volumes = loadTimepoints(scene, ["bl", "fu1", "fu2"])
+    logic = newLogic(scene, **tinyLogicSettings)
+    lesionId = logic.segmentLesion(volumes[0], pointRAS=lesionPointRAS(volumes[0]))
+    followUpImage = geometry.imageVolumeFromVolumeNode(volumes[1])
+    followUpCentre = followUpImage.index_zyx_to_ras(np.argwhere(groundTruth("fu1", 1)).mean(axis=0))
+    logic.segmentLesion(volumes[1], pointRAS=followUpCentre, lesionId=lesionId)
+    results = logic.trackLesion(lesionId, volumes)
+    assert list(results[lesionId]) == [volumes[2].GetID()]  # baseline and the corrected follow-up stay as they are
+    statuses = [cell.status for cell in logic.lesionTable(volumes).rows[0].cells]
+    assert statuses[:2] == [segments.PROMPTED, segments.PROMPTED]
+
+
+def test_synthetic_self_test_flow_runs_headless(tinyLogicSettings):
+    """The data the in-Slicer self-test uses, through the same flow."""
+    scene = slicer.vtkMRMLScene()
+    volumes, pointRAS = selftest.addSyntheticTimepoints(scene, count=2)
+    selftest.endToEndFlow(newLogic(scene, **tinyLogicSettings), volumes, pointRAS)
+
+
+@pytest.mark.slow
+def test_three_timepoints_with_the_gradicon_network(tinyLogicSettings):
+    scene = slicer.vtkMRMLScene()
+    volumes = loadTimepoints(scene, ["bl", "fu1", "fu2"])
+    selftest.endToEndFlow(newLogic(scene, "gradicon", **tinyLogicSettings), volumes, lesionPointRAS(volumes[0]))
