@@ -72,7 +72,7 @@ def lesion_slices_png(report: Report, lesion_id: int) -> bytes:
     n_timepoints = len(report.timepoints)
     n_columns = min(n_timepoints, PANELS_PER_ROW)
     n_rows = math.ceil(n_timepoints / n_columns)
-    figure = Figure(figsize=(2.4 * n_columns, 2.8 * n_rows), dpi=DPI, facecolor="white")
+    figure = Figure(figsize=(2.4 * n_columns, 3.0 * n_rows), dpi=DPI, facecolor="white", layout="constrained")
     half_width = _view_half_width(series)
     for t, info in enumerate(report.timepoints):
         axes = figure.add_subplot(n_rows, n_columns, t + 1)
@@ -84,14 +84,13 @@ def lesion_slices_png(report: Report, lesion_id: int) -> bytes:
             _draw_slice(axes, report.images[t], mask, measurement, half_width, report.intensity_unit)
         else:
             _draw_missing(axes, series.status(t))
-    figure.subplots_adjust(left=0.02, right=0.98, top=0.86 if n_rows == 1 else 0.92, bottom=0.1, wspace=0.06)
     return _png(figure)
 
 
 def lesion_plots_png(report: Report, lesion_id: int) -> bytes:
     """Volume and diameters of one lesion over the timepoints."""
     series = report.lesion(lesion_id)
-    figure = Figure(figsize=(9.6, 3.0), dpi=DPI, facecolor="white")
+    figure = Figure(figsize=(9.6, 3.0), dpi=DPI, facecolor="white", layout="constrained")
     volume_axes, diameter_axes = figure.subplots(1, 2)
     volumes = [series.volume_ml(t) for t in range(len(report.timepoints))]
     _plot_series(volume_axes, volumes, VOLUME_COLOUR, "volume", "-")
@@ -107,13 +106,12 @@ def lesion_plots_png(report: Report, lesion_id: int) -> bytes:
     diameter_axes.legend(fontsize=8, frameon=False)
     for axes in (volume_axes, diameter_axes):
         _timepoint_axis(axes, report)
-    figure.tight_layout()
     return _png(figure)
 
 
 def summary_png(report: Report) -> bytes:
     """Sum of target diameters with the RECIST category per timepoint, diameters and volumes of all lesions."""
-    figure = Figure(figsize=(12.0, 4.2), dpi=DPI, facecolor="white")
+    figure = Figure(figsize=(12.0, 4.2), dpi=DPI, facecolor="white", layout="constrained")
     sum_axes, diameter_axes, volume_axes = figure.subplots(1, 3)
     _plot_sum_of_diameters(sum_axes, report)
     colours = _lesion_colours(len(report.series))
@@ -129,7 +127,6 @@ def summary_png(report: Report) -> bytes:
     for axes in (sum_axes, diameter_axes, volume_axes):
         _timepoint_axis(axes, report)
     figure.suptitle(report.title, fontsize=12, fontweight="bold")
-    figure.tight_layout()
     return _png(figure)
 
 
@@ -157,14 +154,14 @@ def _draw_slice(
     axes.set_xlim(view.extent_lps[0], view.extent_lps[1])
     axes.set_ylim(view.extent_lps[2], view.extent_lps[3])
     m = measurement
-    axes.set_xlabel(f"LD {m.long_axis_mm:.1f} mm · SA {m.short_axis_mm:.1f} mm · {m.volume_ml:.2f} mL", fontsize=8)
+    axes.set_xlabel(f"LD {m.long_axis_mm:.1f} mm · SA {m.short_axis_mm:.1f} mm\n{m.volume_ml:.2f} mL", fontsize=8)
     _hide_ticks(axes)
 
 
 def _draw_missing(axes: Axes, status: str) -> None:
     axes.set_facecolor("#e5e7eb")
     axes.text(0.5, 0.5, status, ha="center", va="center", fontsize=10, color="#374151", transform=axes.transAxes)
-    axes.set_xlabel(" ", fontsize=8)
+    axes.set_xlabel(" \n ", fontsize=8)  # the same height as a measured panel's label
     _hide_ticks(axes)
 
 
@@ -227,7 +224,10 @@ def _plot_sum_of_diameters(axes: Axes, report: Report) -> None:
 
 def _timepoint_axis(axes: Axes, report: Report) -> None:
     labels = [info.name + (f"\n{info.study_date}" if info.study_date else "") for info in report.timepoints]
-    axes.set_xticks(range(len(labels)), labels, fontsize=8)
+    crowded = len(labels) > 4  # tilt the labels so that names and dates do not overlap
+    axes.set_xticks(
+        range(len(labels)), labels, fontsize=8, rotation=30 if crowded else 0, ha="right" if crowded else "center"
+    )
     axes.set_xlim(-0.4, len(labels) - 0.6)
     axes.set_ylim(bottom=0.0)  # after all series are drawn: fixing a limit stops autoscaling
     axes.spines[["top", "right"]].set_visible(False)
