@@ -141,9 +141,9 @@ def _methods_section(report: Report) -> str:
         "physical space (accurate to within one voxel): the long axis is the longest diameter over the patient's "
         "axial planes (LPS z = const) through the lesion, the short axis the longest chord perpendicular to it in "
         "that plane, both on the cross-section's convex hull. RECIST 1.1: the sum of target diameters (long axis; "
-        "short axis for lymph nodes) gives PR at ≤ −30 % from baseline, PD at ≥ +20 % and ≥ 5 mm from the nadir (the smallest "
-        "earlier sum) or with any new lesion, CR when all non-nodal targets are gone and all nodal targets are below "
-        "10 mm short axis, NE when a target was not measured and no progression is proven, SD otherwise. "
+        "short axis for lymph nodes) gives PR at ≤ −30 % from baseline, PD at ≥ +20 % and ≥ 5 mm from the nadir "
+        "(the smallest earlier sum) or with any new lesion, CR when all non-nodal targets are gone and all nodal "
+        "targets are below 10 mm short axis, NE when a target was not measured and no progression is proven, SD otherwise. "
         f"Intensities in {escape(report.intensity_unit)} units.</p></section>"
     )
 
