@@ -38,7 +38,7 @@ if str(EXTENSION_ROOT) not in sys.path:  # a source checkout; installed, the mod
     sys.path.insert(0, str(EXTENSION_ROOT))
 
 from LesionLocatorLib.errors import Cancelled, LesionLocatorError  # noqa: E402
-from LesionLocatorSlicer import segments, selftest  # noqa: E402
+from LesionLocatorSlicer import measurements, segments, selftest  # noqa: E402
 from LesionLocatorSlicer.logic import (  # noqa: E402
     DEVICES,
     PRESETS,
@@ -242,11 +242,14 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.timepointOrderLabel.text = _("Scans ordered {how}.").format(how=how) if timepoints else ""
 
     def showTimepoint(self, volume) -> None:
-        """Show the scan in the slice views with its own lesions only."""
+        """Show the scan in the slice views with its own lesions and diameter lines only."""
         slicer.util.setSliceViewerLayers(background=volume, fit=False)
         for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
             if node.GetAttribute(segments.TIMEPOINT_ATTRIBUTE) and node.GetDisplayNode():
                 node.GetDisplayNode().SetVisibility(node.GetNodeReference(segments.VOLUME_REFERENCE_ROLE) is volume)
+        for line in slicer.util.getNodesByClass("vtkMRMLMarkupsLineNode"):
+            if line.GetAttribute(measurements.VOLUME_ATTRIBUTE) and line.GetDisplayNode():
+                line.GetDisplayNode().SetVisibility(line.GetAttribute(measurements.VOLUME_ATTRIBUTE) == volume.GetID())
 
     # --- prompts ---------------------------------------------------------------------------------------------
     def onPointToggled(self, checked: bool) -> None:
@@ -455,8 +458,12 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- measurements ----------------------------------------------------------------------------------------
     def onMeasure(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Measuring failed."), waitCursor=True):
-            self.logic.ensureEngineDependencies(confirm=slicer.util.confirmOkCancelDisplay)
-            self.logic.showMeasurements(self._orderedTimepoints())
+            if not self.logic.ensureEngineDependencies(confirm=slicer.util.confirmOkCancelDisplay):
+                return
+            chart = self.logic.showMeasurements(self._orderedTimepoints())
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+            if self._parameterNode.activeVolume is not None:
+                self.showTimepoint(self._parameterNode.activeVolume)
 
     def onExportReport(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the LesionLocator report"))
@@ -534,6 +541,38 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic, LesionTrackingLogic):
             self._installEngineDependencies(plan)
         self._dependenciesChecked = True
         return True
+
+    def saveSegmentations(self, volumeNodes, folder: Path) -> list[Path]:
+        """.seg.nrrd for every scan, and DICOM SEG for scans loaded from DICOM."""
+        return super().saveSegmentations(volumeNodes, folder) + self._exportDicomSegmentations(volumeNodes, folder)
+
+    def _exportDicomSegmentations(self, volumeNodes, folder: Path) -> list[Path]:
+        dicomScans = [node for node in self._reportTimepoints(volumeNodes) if node.GetAttribute("DICOM.instanceUIDs")]
+        if not dicomScans:
+            return []
+        try:
+            import DICOMSegmentationPlugin  # from the QuantitativeReporting extension
+        except ImportError:
+            slicer.util.warningDisplay(_("DICOM SEG files were not written: install the QuantitativeReporting "
+                                         "extension for that. The .seg.nrrd files were saved."))
+            return []
+        exporter = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        written = []
+        for volume in dicomScans:
+            node = segments.timepointSegmentationNode(volume)
+            if node is None:
+                continue
+            target = Path(folder) / f"{volume.GetName()} lesions DICOM SEG"
+            target.mkdir(exist_ok=True)
+            exportables = exporter.examineForExport(shNode.GetItemByDataNode(node))
+            for exportable in exportables:
+                exportable.directory = str(target)
+            error = exporter.export(exportables)
+            if error:
+                raise LesionLocatorError(f"DICOM SEG export of {volume.GetName()} failed: {error}")
+            written.append(target)
+        return written
 
     @staticmethod
     def _installEngineDependencies(plan) -> None:

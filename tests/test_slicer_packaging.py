@@ -14,7 +14,7 @@ MODULE_DIR = REPO / "LesionLocator"
 TOP_CMAKE = (REPO / "CMakeLists.txt").read_text()
 MODULE_CMAKE = (MODULE_DIR / "CMakeLists.txt").read_text()
 # what Slicer bundles, so the module may import it when it is loaded (before any dependency is installed)
-BUNDLED_AT_LOAD = {"__future__", "dataclasses", "enum", "functools", "importlib", "itertools", "logging", "os",
+BUNDLED_AT_LOAD = {"__future__", "dataclasses", "datetime", "enum", "functools", "importlib", "itertools", "logging", "os",
                    "pathlib", "queue", "sys", "tempfile", "threading", "typing", "numpy", "SimpleITK", "vtk", "qt",
                    "ctk", "slicer", "LesionLocatorSlicer"}
 ENGINE_MODULES_AT_LOAD = {"LesionLocatorLib.errors", "LesionLocatorLib.image"}

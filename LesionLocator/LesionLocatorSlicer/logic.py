@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import slicer
+import vtk
 
 from LesionLocatorLib.errors import LesionLocatorError, PromptError
 from LesionLocatorLib.image import ImageVolume
 
-from . import segments
+from . import measurements, segments
 from .geometry import imageVolumeFromVolumeNode
 from .prompts import boxCornersFromTwoPoints, boxPromptFromWorldCorners, pointPromptFromWorld, promptFromMarkups
-from .timepoints import orderTimepoints
+from .timepoints import orderTimepoints, studyDate
 from .worker import EngineWorker, Job
 
 MODEL_LITE, MODEL_OFFICIAL, MODEL_CUSTOM = "lite", "official", "custom"
@@ -346,7 +348,7 @@ class LesionTrackingLogic:
         for nodeID in step.createdNodeIDs:
             node = self.scene.GetNodeByID(nodeID)
             if node is not None and node.GetSegmentation().GetNumberOfSegments() == 0:
-                segments.removeSegmentationNode(node)
+                segments.removeNodeAndHelpers(node)
         return step.description
 
     @property
@@ -371,6 +373,65 @@ class LesionTrackingLogic:
                 segment = node.GetSegmentation().GetSegment(segmentId)
                 return segment.GetName(), tuple(segment.GetColor())
         return segments.lesionName(lesionId), segments.lesionColour(lesionId)
+
+    # --- measurements, report, files ------------------------------------------------------------------------------
+    def longitudinalReport(self, volumeNodes: list | None = None):
+        """Every lesion measured at every scan (LesionLocatorLib.report.build.Report), scans in time order."""
+        from LesionLocatorLib.report.build import build_report
+
+        timepoints = self._reportTimepoints(volumeNodes)
+        lesionIds = self.lesionIds()
+        return build_report(
+            [imageVolumeFromVolumeNode(node) for node in timepoints],
+            {lesionId: [self._lesionMaskAt(lesionId, node) for node in timepoints] for lesionId in lesionIds},
+            timepoint_names=[node.GetName() for node in timepoints],
+            study_dates=[studyDate(node, self.dicomDatabase()) or None for node in timepoints],
+            lesion_names={lesionId: self._lesionNameAndColour(lesionId)[0] for lesionId in lesionIds},
+            intensity_unit=intensityUnit(timepoints),
+        )
+
+    def showMeasurements(self, volumeNodes: list | None = None):
+        """Replace the measurement nodes: a table, a volume-over-time chart and RECIST lines. Returns the chart."""
+        timepoints = self._reportTimepoints(volumeNodes)
+        report = self.longitudinalReport(timepoints)
+        colours = {lesionId: self._lesionNameAndColour(lesionId)[1] for lesionId in self.lesionIds()}
+        measurements.removeMeasurementNodes(self.scene)
+        measurements.measurementsTableNode(self.scene, report, timepoints)
+        measurements.diameterLineNodes(self.scene, report, timepoints, colours)
+        return measurements.volumeChartNode(self.scene, report, colours)
+
+    def exportReport(self, volumeNodes: list | None, folder: Path, overwrite: bool = False) -> Path:
+        """Write the report (HTML, CSV, JSON, PNG) into `folder`; returns the HTML page."""
+        from LesionLocatorLib.report.output import write_report
+
+        return write_report(self.longitudinalReport(volumeNodes), folder, overwrite=overwrite)["html"]
+
+    def saveSegmentations(self, volumeNodes: list | None, folder: Path) -> list[Path]:
+        """Each scan's lesion segmentation as '<scan> lesions.seg.nrrd' (lesion ids and statuses in its tags)."""
+        written = []
+        for volumeNode in self._reportTimepoints(volumeNodes):
+            node = segments.timepointSegmentationNode(volumeNode)
+            if node is None:
+                continue
+            path = Path(folder) / f"{volumeNode.GetName()} lesions.seg.nrrd"
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            storage.SetFileName(str(path))
+            if not storage.WriteData(node):
+                raise LesionLocatorError(f"Could not write {path}; check that the folder is writable.")
+            written.append(path)
+        return written
+
+    def _reportTimepoints(self, volumeNodes: list | None) -> list:
+        timepoints = self.orderedTimepoints(volumeNodes) if volumeNodes else self.timepointsWithLesions()
+        if not timepoints:
+            raise LesionLocatorError("There is nothing to measure yet: segment a lesion first.")
+        return timepoints
+
+    def _lesionMaskAt(self, lesionId: int, volumeNode) -> np.ndarray | None:
+        """The lesion's mask on the scan (empty: not found there), None when it was never analysed there."""
+        node = segments.timepointSegmentationNode(volumeNode)
+        segmentId = segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
+        return None if segmentId is None else segments.lesionMaskArray(node, segmentId, volumeNode)
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _run(self, request, compute, apply, onDone: OnDone | None):
@@ -462,10 +523,19 @@ def lesionCell(volumeNode, lesionId: int) -> LesionCell:
     return cell
 
 
+def intensityUnit(volumeNodes: list) -> str:
+    """'HU' when every scan is a CT series (DICOM modality in the subject hierarchy), else 'unknown'."""
+    if not volumeNodes:
+        return "unknown"
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volumeNodes[0].GetScene())
+    attribute = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    items = [shNode.GetItemByDataNode(node) for node in volumeNodes]
+    modalities = {shNode.GetItemAttribute(item, attribute) if item else "" for item in items}
+    return "HU" if modalities == {"CT"} else "unknown"
+
+
 def ijkToWorldPoint(volumeNode, pointIJK) -> tuple[float, float, float]:
     """Through the volume's IJKToRAS and its parent transforms (linear or not)."""
-    import vtk
-
     ijkToRAS = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(ijkToRAS)
     localRAS = ijkToRAS.MultiplyPoint([*map(float, pointIJK), 1.0])[:3]

@@ -84,11 +84,14 @@ def _createTimepointSegmentationNode(volumeNode):
     return node
 
 
-def removeSegmentationNode(node) -> None:
+def removeNodeAndHelpers(node) -> None:
     """The node and its display and storage nodes (the scene does not remove those by itself)."""
     scene = node.GetScene()
-    helpers = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
-    helpers += [node.GetNthStorageNode(index) for index in range(node.GetNumberOfStorageNodes())]
+    helpers = []
+    if node.IsA("vtkMRMLDisplayableNode"):
+        helpers += [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
+    if node.IsA("vtkMRMLStorableNode"):
+        helpers += [node.GetNthStorageNode(index) for index in range(node.GetNumberOfStorageNodes())]
     scene.RemoveNode(node)
     for helper in helpers:
         if helper is not None:
