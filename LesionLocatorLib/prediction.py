@@ -125,15 +125,21 @@ class PatchPredictor:
         return (total / (len(self.networks) * (len(combinations) + 1)))[0].cpu().numpy()
 
     def predict(self, image_czyx: np.ndarray, prompt_zyx: np.ndarray, cancel_event: threading.Event | None = None,
-                centre_zyx=None) -> tuple[np.ndarray, Region]:
+                centre_zyx=None, grid=None) -> tuple[np.ndarray, Region]:
         """Logits (classes, z, y, x) over the region covered by the predicted tiles, and that region
         in the coordinates of `image_czyx` (unpadded). Images smaller than the patch are zero-padded, centred.
-        With `centre_zyx`, one patch centred there (the tracker's placement) instead of around the prompt."""
+        With `centre_zyx`, one patch centred there (the tracker's placement) instead of around the prompt.
+        `grid` = (window start, whole grid shape) when `image_czyx` is a window of a larger image: sliding-window
+        tiles then sit where they would on the whole image."""
         stacked = np.concatenate([image_czyx, prompt_zyx[None]], axis=0).astype(np.float32, copy=False)
         padded, unpad = pad_nd_image(stacked, self.patch_size, "constant", {"constant_values": 0}, True)
         if centre_zyx is None:
             prompt_min, prompt_max = inclusive_bbox(padded[-1] > 0)
             starts = tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max, self.settings.step_size)
+            if len(starts) > 1 and grid is not None and padded.shape[1:] == image_czyx.shape[1:]:
+                offset = np.asarray(grid[0])
+                starts = [tuple(np.asarray(s) - offset) for s in tile_starts(
+                    grid[1], self.patch_size, prompt_min + offset, prompt_max + offset, self.settings.step_size)]
         else:
             starts = [centred_tile_start(np.asarray(centre_zyx) + [s.start for s in unpad[1:]], padded.shape[1:],
                                          self.patch_size)]

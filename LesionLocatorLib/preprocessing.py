@@ -1,8 +1,13 @@
 """Plans-driven preprocessing, reusing nnU-Net v2's normalization and resampling functions.
 
 Pipeline (nnU-Net's DefaultPreprocessor order): crop to the non-zero bounding box, normalize, resample to the
-plans spacing. `preprocess_region` runs it on a sub-region of the image only (the `roi` mode): the official code
-always runs it on the whole image, which dominates time and memory on large CTs.
+plans spacing. The official code runs it on the whole image, which dominates time and memory on large CTs.
+
+`roi` mode computes only a window of the same resampled grid: nnU-Net's resampling (skimage `resize` = scipy
+`zoom` with grid_mode, or torch `interpolate`) maps output voxel i to input coordinate (i + 0.5) * in/out - 0.5,
+so the window is the same spline interpolation evaluated at the same coordinates, on a crop with enough context
+that the spline prefilter sees what it sees on the whole image. Whole-image statistics that the resampling uses
+(clipping range, z-score mean/std) are taken from the whole image, which costs one cheap pass.
 All arrays are (z, y, x); spacings are (z, y, x) in mm here, as nnU-Net uses them.
 """
 from __future__ import annotations
@@ -12,8 +17,9 @@ from functools import cached_property
 
 import numpy as np
 from nnunetv2.preprocessing.normalization import default_normalization_schemes as norm_schemes
-from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, determine_do_sep_z_and_axis
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from scipy import ndimage
 
 from .checkpoint import ModelFolder
 from .errors import CheckpointError
@@ -30,6 +36,8 @@ _NORMALIZATIONS = {
         norm_schemes.RescaleTo01Normalization,
     )
 }
+# Input voxels of context around a window, so the cubic spline prefilter (decaying ~0.27 per voxel) matches.
+SPLINE_CONTEXT_VOXELS = 12
 
 
 def nonzero_bounding_box(array_zyx: np.ndarray) -> Region:
@@ -42,20 +50,35 @@ def nonzero_bounding_box(array_zyx: np.ndarray) -> Region:
     return tuple(box)
 
 
-def intersect_regions(a: Region, b: Region) -> Region:
-    return tuple(slice(max(x.start, y.start), max(max(x.start, y.start), min(x.stop, y.stop))) for x, y in zip(a, b))
-
-
 def region_shape(region: Region) -> tuple[int, int, int]:
     return tuple(int(s.stop - s.start) for s in region)
 
 
+def full_region(shape_zyx) -> Region:
+    return tuple(slice(0, int(s)) for s in shape_zyx)
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    """How a plans resampling function interpolates: spline order in-plane, along the separate (anisotropic)
+    axis, and which axis that is (None: all axes together)."""
+
+    order: int
+    order_separate: int
+    separate_axis: int | None
+
+
 @dataclass
 class PreprocessedImage:
-    """A normalized, resampled (part of an) image and how it maps back to the original voxels."""
+    """A window `grid_region` of the normalized, resampled image grid, and how it maps to the original voxels.
 
-    data: np.ndarray  # float32 (1, z, y, x)
-    region: Region  # the original-image voxels it was made from (after cropping to non-zero)
+    The full grid is the non-zero crop `nonzero_region` of the original image resampled to `grid_shape_zyx`
+    (nnU-Net's preprocessed image). In exact mode the window is the whole grid."""
+
+    data: np.ndarray  # float32 (1, z, y, x): the window
+    nonzero_region: Region  # original voxels that the full grid covers
+    grid_shape_zyx: tuple[int, int, int]
+    grid_region: Region  # the window within the full grid
     original_spacing_zyx: tuple[float, float, float]
     target_spacing_zyx: tuple[float, float, float]
 
@@ -64,17 +87,32 @@ class PreprocessedImage:
         return tuple(int(s) for s in self.data.shape[1:])
 
     @property
-    def region_shape_zyx(self) -> tuple[int, int, int]:
-        return region_shape(self.region)
+    def nonzero_shape_zyx(self) -> tuple[int, int, int]:
+        return region_shape(self.nonzero_region)
 
     @property
     def scale_zyx(self) -> np.ndarray:
-        """Preprocessed voxels per original voxel, per axis (nnU-Net maps prompts with this ratio of shapes)."""
-        return np.asarray(self.shape_zyx, float) / np.asarray(self.region_shape_zyx, float)
+        """Grid voxels per original voxel, per axis (nnU-Net maps prompts with this ratio of shapes)."""
+        return np.asarray(self.grid_shape_zyx, float) / np.asarray(self.nonzero_shape_zyx, float)
 
     @property
-    def region_start_zyx(self) -> np.ndarray:
-        return np.asarray([s.start for s in self.region], float)
+    def nonzero_start_zyx(self) -> np.ndarray:
+        return np.asarray([s.start for s in self.nonzero_region], float)
+
+    @property
+    def window_start_zyx(self) -> np.ndarray:
+        return np.asarray([s.start for s in self.grid_region], int)
+
+    def original_region_covered(self) -> Region:
+        """Original voxels whose linear back-resampling reads only voxels of this window (one voxel of slack);
+        the whole non-zero crop in exact mode."""
+        ratio = 1.0 / self.scale_zyx
+        region = []
+        for g, r, n, full in zip(self.grid_region, ratio, self.nonzero_region, self.grid_shape_zyx):
+            lo = int(np.ceil((g.start + 1.5) * r - 0.5)) if g.start > 0 else 0
+            hi = int(np.floor((g.stop - 1.5) * r - 0.5)) + 1 if g.stop < full else n.stop - n.start
+            region.append(slice(n.start + lo, n.start + max(lo, hi)))
+        return tuple(region)
 
 
 class Preprocessor:
@@ -113,18 +151,16 @@ class Preprocessor:
     def resampled_shape(self, shape_zyx, spacing_zyx) -> tuple[int, int, int]:
         return tuple(int(s) for s in compute_new_shape(shape_zyx, spacing_zyx, self.target_spacing_zyx))
 
-    def preprocess(self, image: ImageVolume, region: Region | None = None) -> PreprocessedImage:
-        """Crop to non-zero (and to `region` if given), normalize, resample to the plans spacing."""
+    # --- whole image (exact) -------------------------------------------------------------------------------
+    def preprocess(self, image: ImageVolume) -> PreprocessedImage:
+        """The official pipeline on the whole image: crop to non-zero, normalize, resample."""
         crop = nonzero_bounding_box(image.array)
-        if region is not None:
-            crop = intersect_regions(crop, region)
-            if min(region_shape(crop)) == 0:
-                raise ValueError("The requested region holds no non-zero voxels of the image.")
         normalized = self.normalize(image.array[crop])[None]
         spacing = image.spacing_zyx
-        new_shape = self.resampled_shape(normalized.shape[1:], spacing)
-        data = self.configuration.resampling_fn_data(normalized, new_shape, spacing, self.target_spacing_zyx)
-        return PreprocessedImage(np.asarray(data, dtype=np.float32), crop, spacing, self.target_spacing_zyx)
+        grid_shape = self.resampled_shape(normalized.shape[1:], spacing)
+        data = self.configuration.resampling_fn_data(normalized, grid_shape, spacing, self.target_spacing_zyx)
+        return PreprocessedImage(np.asarray(data, dtype=np.float32), crop, grid_shape, full_region(grid_shape), spacing,
+                                 self.target_spacing_zyx)
 
     def resample_segmentation(self, labels_zyx: np.ndarray, spacing_zyx, new_shape) -> np.ndarray:
         """Label map to preprocessed space with the plans' segmentation resampling (ids kept, e.g. > 255)."""
@@ -134,10 +170,139 @@ class Preprocessor:
         return np.asarray(resampled[0]).astype(labels.dtype if labels.dtype.kind in "iu" else np.int32)
 
     def logits_to_original(self, logits_czyx: np.ndarray, pre: PreprocessedImage) -> np.ndarray:
-        """Resample preprocessed-space logits back onto the original voxels of `pre.region`."""
+        """Resample whole-grid logits back onto the original voxels of the non-zero crop (exact mode)."""
         return np.asarray(
             self.configuration.resampling_fn_probabilities(
-                logits_czyx, pre.region_shape_zyx, pre.target_spacing_zyx, pre.original_spacing_zyx
+                logits_czyx, pre.nonzero_shape_zyx, pre.target_spacing_zyx, pre.original_spacing_zyx
             ),
             dtype=np.float32,
         )
+
+    # --- windows of the grid (roi) --------------------------------------------------------------------------
+    def interpolation(self, function_name: str, kwargs: dict, current_spacing, new_spacing) -> Interpolation:
+        if function_name == "resample_data_or_seg_to_shape":
+            force = kwargs.get("force_separate_z", False)
+            order, order_separate = int(kwargs.get("order", 3)), int(kwargs.get("order_z", 0))
+        elif function_name == "resample_torch_fornnunet":
+            force = kwargs.get("force_separate_z", None)
+            order, order_separate = 1, 0  # (bi/tri)linear, then nearest along the anisotropic axis
+        else:
+            raise CheckpointError(f"roi mode does not know the resampling function '{function_name}'; use mode 'exact'.")
+        separate, axis = determine_do_sep_z_and_axis(force, current_spacing, new_spacing)
+        return Interpolation(order, order_separate, axis if separate else None)
+
+    def preprocess_window(self, image: ImageVolume, original_region: Region) -> PreprocessedImage:
+        """The window of the whole-image preprocessed grid that covers `original_region` (original voxels)."""
+        nonzero = nonzero_bounding_box(image.array)
+        spacing = image.spacing_zyx
+        nonzero_shape = region_shape(nonzero)
+        grid_shape = self.resampled_shape(nonzero_shape, spacing)
+        scale = np.asarray(grid_shape, float) / np.asarray(nonzero_shape, float)
+        window = tuple(
+            slice(max(0, int(np.floor((r.start - n.start) * k))), max(1, min(g, int(np.ceil((r.stop - n.start) * k)))))
+            for r, n, k, g in zip(original_region, nonzero, scale, grid_shape)
+        )
+        window = tuple(slice(min(w.start, w.stop - 1), w.stop) for w in window)
+        config = self.configuration.configuration
+        interpolation = self.interpolation(config["resampling_fn_data"], config["resampling_fn_data_kwargs"],
+                                           spacing, self.target_spacing_zyx)
+        crop = _context_crop(window, 1.0 / scale, nonzero_shape)
+        absolute_crop = tuple(slice(n.start + c.start, n.start + c.stop) for n, c in zip(nonzero, crop))
+        whole = image.array[nonzero]
+        normalized = self._normalize_values(image.array[absolute_crop], whole)
+        clip_lo, clip_hi = self._clip_ranges(whole, crop, interpolation)
+        data = resample_window(normalized, [c.start for c in crop], nonzero_shape, grid_shape, window, interpolation,
+                               clip_lo, clip_hi)
+        return PreprocessedImage(data[None].astype(np.float32), nonzero, grid_shape, window, spacing,
+                                 self.target_spacing_zyx)
+
+    def _normalize_values(self, values: np.ndarray, whole: np.ndarray) -> np.ndarray:
+        """Normalize `values` as they would be normalized inside the whole non-zero-cropped image `whole`."""
+        normalizer = self._normalizers[0]
+        if isinstance(normalizer, norm_schemes.RescaleTo01Normalization):
+            raise CheckpointError("roi mode does not support RescaleTo01Normalization plans; use mode 'exact'.")
+        if isinstance(normalizer, norm_schemes.ZScoreNormalization):
+            # z-score uses the statistics of the whole image, not of the window
+            statistics = whole[whole != 0] if normalizer.use_mask_for_norm else whole
+            mean, std = float(statistics.mean(dtype=np.float64)), float(statistics.std(dtype=np.float64))
+            return ((values.astype(np.float32) - mean) / max(std, 1e-8)).astype(np.float32)
+        return self.normalize(values)
+
+    def _clip_ranges(self, whole: np.ndarray, crop: Region, interpolation: Interpolation):
+        """skimage clips a spline's output to its input's range: the whole image's, or each whole 2D slice's when
+        the anisotropic axis is resampled separately. Normalization is monotonic: normalize the raw extremes."""
+        if interpolation.order <= 1:
+            return None, None
+        axis = interpolation.separate_axis
+        if axis is None:
+            extremes = np.array([[whole.min()], [whole.max()]])
+        else:
+            others = tuple(a for a in range(3) if a != axis)
+            rows = np.take(whole, np.arange(crop[axis].start, crop[axis].stop), axis=axis)
+            extremes = np.stack([rows.min(axis=others), rows.max(axis=others)])
+        normalized = self._normalize_values(extremes.reshape(1, 2, -1), whole).reshape(extremes.shape)
+        return normalized[0], normalized[1]
+
+    def resample_mask_window(self, mask_zyx: np.ndarray, pre: PreprocessedImage) -> np.ndarray:
+        """Fraction of a binary original-space mask in each voxel of the window (segmentation interpolation)."""
+        config = self.configuration.configuration
+        interpolation = self.interpolation(config["resampling_fn_seg"], config["resampling_fn_seg_kwargs"],
+                                           pre.original_spacing_zyx, pre.target_spacing_zyx)
+        interpolation = Interpolation(min(interpolation.order, 1), interpolation.order_separate, interpolation.separate_axis)
+        crop = _context_crop(pre.grid_region, 1.0 / pre.scale_zyx, pre.nonzero_shape_zyx)
+        absolute = tuple(slice(n.start + c.start, n.start + c.stop) for n, c in zip(pre.nonzero_region, crop))
+        return resample_window(mask_zyx[absolute].astype(np.float64), [c.start for c in crop], pre.nonzero_shape_zyx,
+                               pre.grid_shape_zyx, pre.grid_region, interpolation, None, None)
+
+    def window_to_original(self, difference_zyx: np.ndarray, pre: PreprocessedImage) -> tuple[np.ndarray, Region]:
+        """Resample a window of logits back to the original voxels it alone determines; returns (values, region)."""
+        config = self.configuration.configuration
+        interpolation = self.interpolation(config["resampling_fn_probabilities"],
+                                           config["resampling_fn_probabilities_kwargs"], pre.target_spacing_zyx,
+                                           pre.original_spacing_zyx)
+        region = pre.original_region_covered()
+        local = tuple(slice(r.start - n.start, r.stop - n.start) for r, n in zip(region, pre.nonzero_region))
+        values = resample_window(difference_zyx.astype(np.float64), pre.window_start_zyx, pre.grid_shape_zyx,
+                                 pre.nonzero_shape_zyx, local, interpolation, None, None)
+        return values.astype(np.float32), region
+
+
+def _context_crop(window: Region, ratio, input_shape) -> Region:
+    """Input voxels needed to interpolate the output `window` (ratio = input/output voxels), with spline context."""
+    crop = []
+    for w, r, n in zip(window, ratio, input_shape):
+        lo = int(np.floor((w.start + 0.5) * r - 0.5)) - SPLINE_CONTEXT_VOXELS
+        hi = int(np.ceil((w.stop - 0.5) * r - 0.5)) + SPLINE_CONTEXT_VOXELS + 1
+        crop.append(slice(max(0, lo), min(n, hi)))
+    return tuple(crop)
+
+
+def resample_window(crop_zyx: np.ndarray, crop_start_zyx, full_in_shape, full_out_shape, out_window: Region,
+                    interpolation: Interpolation, clip_lo, clip_hi) -> np.ndarray:
+    """Values of `full_in -> full_out` resampling inside `out_window`, computed from a crop of the input.
+
+    Output voxel i of an axis samples input coordinate (i + 0.5) * in/out - 0.5 (skimage/torch align_corners=False),
+    edges repeated. With a separate anisotropic axis, first the other two axes (order `order`, clipped per slice),
+    then that axis (order `order_separate`), as nnU-Net does."""
+    ratio = np.asarray(full_in_shape, float) / np.asarray(full_out_shape, float)
+    out_start = np.array([w.start for w in out_window], float)
+    out_shape = tuple(int(w.stop - w.start) for w in out_window)
+    offset = (out_start + 0.5) * ratio - 0.5 - np.asarray(crop_start_zyx, float)
+    data = np.asarray(crop_zyx, dtype=np.float64)
+    axis = interpolation.separate_axis
+    if axis is None:
+        out = ndimage.affine_transform(data, ratio, offset, out_shape, order=interpolation.order, mode="nearest")
+        return out if clip_lo is None else np.clip(out, clip_lo, clip_hi)
+    in_plane_ratio, in_plane_offset, in_plane_shape = ratio.copy(), offset.copy(), list(out_shape)
+    in_plane_ratio[axis], in_plane_offset[axis], in_plane_shape[axis] = 1.0, 0.0, data.shape[axis]
+    # sampling exactly at the knots along `axis` reproduces each slice: a 3D spline here equals nnU-Net's 2D ones
+    in_plane = ndimage.affine_transform(data, in_plane_ratio, in_plane_offset, tuple(in_plane_shape),
+                                        order=interpolation.order, mode="nearest")
+    if clip_lo is not None:
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        in_plane = np.clip(in_plane, np.reshape(clip_lo, shape), np.reshape(clip_hi, shape))
+    along_ratio, along_offset = np.ones(3), np.zeros(3)
+    along_ratio[axis], along_offset[axis] = ratio[axis], offset[axis]
+    return ndimage.affine_transform(in_plane, along_ratio, along_offset, out_shape, order=interpolation.order_separate,
+                                    mode="nearest")

@@ -183,17 +183,17 @@ def split_instance_mask(labels_zyx: np.ndarray) -> dict[int, np.ndarray]:
 
 
 # --- dense prompts in preprocessed space ----------------------------------------------------------------------
-def point_to_preprocessed(index_zyx, region_start_zyx, region_shape_zyx, scale_zyx, preprocessed_shape) -> np.ndarray:
+def point_to_preprocessed(index_zyx, crop_start_zyx, crop_shape_zyx, scale_zyx, preprocessed_shape) -> np.ndarray:
     """Original (z, y, x) -> preprocessed voxel: crop offset subtracted once, scaled by the shape ratio, rounded
     and clipped (as upstream LesionLocator after its fix a6dd658)."""
-    shifted = np.minimum(np.asarray(region_shape_zyx), np.maximum(0, np.asarray(index_zyx, float) - region_start_zyx))
+    shifted = np.minimum(np.asarray(crop_shape_zyx), np.maximum(0, np.asarray(index_zyx, float) - crop_start_zyx))
     return np.clip(np.round(shifted * scale_zyx), 0, np.asarray(preprocessed_shape) - 1).astype(int)
 
 
-def box_to_preprocessed(lo_zyx, hi_zyx, region_start_zyx, scale_zyx, preprocessed_shape) -> tuple[np.ndarray, np.ndarray]:
+def box_to_preprocessed(lo_zyx, hi_zyx, crop_start_zyx, scale_zyx, preprocessed_shape) -> tuple[np.ndarray, np.ndarray]:
     """Half-open original box -> half-open preprocessed box: floor/ceil after scaling, one voxel of margin."""
-    lo = np.floor((np.asarray(lo_zyx, float) - region_start_zyx) * scale_zyx) - BOX_MARGIN_VOXELS
-    hi = np.ceil((np.asarray(hi_zyx, float) - region_start_zyx) * scale_zyx) + BOX_MARGIN_VOXELS
+    lo = np.floor((np.asarray(lo_zyx, float) - crop_start_zyx) * scale_zyx) - BOX_MARGIN_VOXELS
+    hi = np.ceil((np.asarray(hi_zyx, float) - crop_start_zyx) * scale_zyx) + BOX_MARGIN_VOXELS
     shape = np.asarray(preprocessed_shape)
     return np.clip(lo, 0, shape).astype(int), np.clip(hi, 0, shape).astype(int)
 

@@ -72,16 +72,20 @@ class SegmentationModel:
         return self.model.patch_size_zyx
 
     def fg_minus_bg(self, pre: PreprocessedImage, dense_prompt: np.ndarray, cancel_event=None) -> np.ndarray:
-        """Foreground-minus-background logits over the whole preprocessed array (background outside the patches)."""
-        logits, region = self.predictor.predict(pre.data, dense_prompt, cancel_event)
+        """Foreground-minus-background logits over the preprocessed window (background outside the patches).
+        Tiles follow the whole grid's sliding-window steps, so a window predicts what the whole image would."""
+        logits, region = self.predictor.predict(pre.data, dense_prompt, cancel_event,
+                                                grid=(pre.window_start_zyx, pre.grid_shape_zyx))
         difference = np.full(pre.shape_zyx, OUTSIDE_FG_MINUS_BG, dtype=np.float32)
         difference[region] = logits[1] - logits[0]
         return difference
 
-    def to_original(self, difference: np.ndarray, pre: PreprocessedImage) -> np.ndarray:
-        """Resample the logit difference onto the original voxels of `pre.region` (linear resampling of the
-        difference equals the difference of the resampled logits, so one channel is enough for two classes)."""
-        return self.preprocessor.logits_to_original(difference[None], pre)[0]
+    def to_original(self, difference: np.ndarray, pre: PreprocessedImage, whole_grid: bool) -> tuple[np.ndarray, Region]:
+        """Resample the logit difference onto original voxels (linear resampling of the difference equals the
+        difference of the resampled logits, so one channel is enough for two classes)."""
+        if whole_grid:
+            return self.preprocessor.logits_to_original(difference[None], pre)[0], pre.nonzero_region
+        return self.preprocessor.window_to_original(difference, pre)
 
 
 class Segmenter:
@@ -161,12 +165,13 @@ class Segmenter:
                 cache[task] = model.preprocessor.preprocess(image)
             pre = cache[task]
         else:
-            pre = model.preprocessor.preprocess(image, self.roi_for(prompt, image, model))
+            pre = model.preprocessor.preprocess_window(image, self.roi_for(prompt, image, model))
         check_cancel(cancel_event)
         dense = self.dense_prompt(prompt, pre, model, task)
         difference = model.fg_minus_bg(pre, dense, cancel_event)
         score = np.full(image.shape_zyx, OUTSIDE_FG_MINUS_BG, dtype=np.float32)
-        score[pre.region] = model.to_original(difference, pre)
+        values, region = model.to_original(difference, pre, whole_grid=self.mode == "exact")
+        score[region] = values
         return score
 
     # --- prompt geometry ---------------------------------------------------------------------------------------
@@ -191,21 +196,30 @@ class Segmenter:
         return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
 
     def dense_prompt(self, prompt: Prompt, pre: PreprocessedImage, model: SegmentationModel, task: str) -> np.ndarray:
-        start, scale, shape = pre.region_start_zyx, pre.scale_zyx, pre.shape_zyx
+        """The prompt channel on the preprocessed window, mapped as the official code maps it on the whole grid."""
+        start, scale, grid, window = pre.nonzero_start_zyx, pre.scale_zyx, pre.grid_shape_zyx, pre.window_start_zyx
         if isinstance(prompt, PointPrompt):
-            return dense_point(point_to_preprocessed(prompt.index_zyx, start, pre.region_shape_zyx, scale, shape), shape)
+            centre = point_to_preprocessed(prompt.index_zyx, start, pre.nonzero_shape_zyx, scale, grid) - window
+            return dense_point(np.clip(centre, 0, np.asarray(pre.shape_zyx) - 1), pre.shape_zyx)
         if isinstance(prompt, BoxPrompt):
-            return dense_box(*box_to_preprocessed(prompt.lo_zyx, prompt.hi_zyx, start, scale, shape), shape)
+            lo, hi = box_to_preprocessed(prompt.lo_zyx, prompt.hi_zyx, start, scale, grid)
+            return dense_box(np.clip(lo - window, 0, pre.shape_zyx), np.clip(hi - window, 0, pre.shape_zyx), pre.shape_zyx)
         # mask: resampled with the image, then its bounding box (+1 voxel) or centroid, as the official code does
-        resampled = model.preprocessor.resample_segmentation(prompt.mask[pre.region].astype(np.uint8),
-                                                            pre.original_spacing_zyx, shape)
-        stats = mask_statistics(resampled > 0)
+        resampled = self.resampled_mask(prompt.mask, pre, model)
+        stats = mask_statistics(resampled)
         if not stats:
             raise PromptError("The mask prompt vanished when resampled to the model's spacing (too small); use a point.")
         box_lo, box_hi, centroid = stats[1]
         if task == "point":
-            return dense_point(np.clip(np.round(centroid), 0, np.asarray(shape) - 1).astype(int), shape)
-        return dense_box(np.maximum(box_lo - 1, 0), np.minimum(box_hi + 1, shape), shape)
+            return dense_point(np.clip(np.round(centroid), 0, np.asarray(pre.shape_zyx) - 1).astype(int), pre.shape_zyx)
+        return dense_box(np.maximum(box_lo - 1, 0), np.minimum(box_hi + 1, pre.shape_zyx), pre.shape_zyx)
+
+    def resampled_mask(self, mask: np.ndarray, pre: PreprocessedImage, model: SegmentationModel) -> np.ndarray:
+        """A lesion mask on the preprocessed window (segmentation resampling of the plans)."""
+        if self.mode == "exact":
+            return model.preprocessor.resample_segmentation(mask[pre.nonzero_region].astype(np.uint8),
+                                                            pre.original_spacing_zyx, pre.grid_shape_zyx) > 0
+        return model.preprocessor.resample_mask_window(mask, pre) > 0.5
 
 
 def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:

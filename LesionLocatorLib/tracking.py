@@ -94,8 +94,8 @@ def fingerprint(image: ImageVolume) -> str:
 def preprocessed_volume(pre: PreprocessedImage, original: ImageVolume, z_window: slice) -> ImageVolume:
     """The (z-windowed) preprocessed array with its true physical geometry (nnU-Net resampling maps new voxel i to
     original index start + (i + 0.5) * ratio - 0.5), so geometry-aware registrations see real millimetres."""
-    ratio_zyx = np.asarray(pre.region_shape_zyx, float) / np.asarray(pre.shape_zyx, float)
-    first_zyx = pre.region_start_zyx + 0.5 * ratio_zyx - 0.5 + np.array([z_window.start, 0, 0]) * ratio_zyx
+    ratio_zyx = 1.0 / pre.scale_zyx
+    first_zyx = pre.nonzero_start_zyx + 0.5 * ratio_zyx - 0.5 + np.array([z_window.start, 0, 0]) * ratio_zyx
     spacing_zyx = np.asarray(original.spacing_zyx) * ratio_zyx
     return ImageVolume(pre.data[0, z_window], spacing_xyz=tuple(spacing_zyx[::-1]),
                        origin_lps=tuple(original.index_zyx_to_lps(first_zyx)), direction_lps=original.direction_lps)
@@ -243,7 +243,7 @@ class Tracker:
         return results
 
     def _masks_in_preprocessed_space(self, masks: dict[int, np.ndarray], scan: TrackScan) -> dict[int, np.ndarray]:
-        region = scan.pre.region
+        region = scan.pre.nonzero_region
         resampled = {}
         for lesion_id, mask in masks.items():
             labels = self.preprocessor.resample_segmentation(np.asarray(mask[region] > 0, np.uint8),
@@ -263,7 +263,7 @@ class Tracker:
         difference = np.full(scan.pre.shape_zyx, OUTSIDE_FG_MINUS_BG, np.float32)
         difference[z_window] = difference_window
         mask = np.zeros(scan.image.shape_zyx, np.uint8)
-        mask[scan.pre.region] = self.preprocessor.logits_to_original(difference[None], scan.pre)[0] > 0
+        mask[scan.pre.nonzero_region] = self.preprocessor.logits_to_original(difference[None], scan.pre)[0] > 0
         return mask
 
     # --- chains ------------------------------------------------------------------------------------------------
