@@ -219,7 +219,7 @@ class LesionTrackingLogic:
         return self.orderedTimepoints([volume for volume in volumes if volume is not None])
 
     def _timepointSegmentations(self) -> list:
-        return [node for node in segments._segmentationNodes(self.scene) if node.GetAttribute(segments.TIMEPOINT_ATTRIBUTE)]
+        return [node for node in segments.segmentationNodes(self.scene) if node.GetAttribute(segments.TIMEPOINT_ATTRIBUTE)]
 
     # --- segmentation -------------------------------------------------------------------------------------------
     def segmentLesion(self, volumeNode, pointRAS=None, boxRAS=None, markupsNode=None, lesionId: int | None = None,
@@ -279,20 +279,24 @@ class LesionTrackingLogic:
         if not lesionIds:
             raise LesionLocatorError("There is no lesion to track yet: segment one with a point or a box first.")
         sources = {lesionId: self._lesionMasks(lesionId) for lesionId in lesionIds}
+        for lesionId, byVolume in sources.items():
+            if not byVolume:
+                raise LesionLocatorError(f"{segments.lesionName(lesionId)} is empty in every scan: segment it first.")
         given = [node for node in volumeNodes if node is not None]
-        extra = [self._volumeNode(volumeID) for masks in sources.values() for volumeID in masks]
-        timepoints = self.orderedTimepoints(_unique([node for node in extra if node not in given] + given))
+        timepoints = self._trackingTimepoints(sources, given)
         targets = [(lesionId, node.GetID()) for node in timepoints if node in given for lesionId in lesionIds
                    if not self._isPinned(lesionId, node)]
         if len(timepoints) < 2 or not targets:
             raise LesionLocatorError("Choose at least one follow-up scan where the lesion is not segmented already.")
-        for lesionId, masks in sources.items():
-            if not masks:
-                raise LesionLocatorError(f"{segments.lesionName(lesionId)} is empty in every scan: segment it first.")
         masks = {(lesionId, volumeID): mask for lesionId, byVolume in sources.items() for volumeID, mask in byVolume.items()}
         images = {node.GetID(): imageVolumeFromVolumeNode(node) for node in timepoints}
         return TrackingRequest(list(lesionIds), [node.GetID() for node in timepoints], images, masks, targets,
                                self.modelRoot(), replace(self.settings))
+
+    def _trackingTimepoints(self, sources: dict[int, dict[str, np.ndarray]], given: list) -> list:
+        """The given scans plus those the lesions are segmented on, in time order (given order without dates)."""
+        segmented = [self._volumeNode(volumeID) for byVolume in sources.values() for volumeID in byVolume]
+        return self.orderedTimepoints(_unique([node for node in segmented if node not in given] + given))
 
     def computeTracking(self, request: TrackingRequest, progress, cancelEvent: threading.Event) -> dict:
         tracker = self.engines.tracker(request.modelRoot, request.settings)
@@ -300,28 +304,23 @@ class LesionTrackingLogic:
         results: dict[tuple[int, str], Any] = {}
         steps = trackingTargetsInTimeOrder(request)
         for number, (targetID, lesionIds) in enumerate(steps):
-            for sourceID, lesionsFromSource in groupBySource(request.timepointIDs, targetID, lesionIds, masks).items():
-                step = tracker.track_step(
-                    request.images[sourceID], request.images[targetID],
-                    {lesionId: masks[(lesionId, sourceID)] for lesionId in lesionsFromSource},
-                    progress=_scaledProgress(progress, number, len(steps), request.images[targetID].name),
-                    cancel_event=cancelEvent,
-                )
-                for lesionId, found in step.items():
-                    results[(lesionId, targetID)] = found
-                    masks.pop((lesionId, targetID), None)  # a stale mask must not seed later scans
-                    if found.found and found.mask is not None and found.mask.any():
-                        masks[(lesionId, targetID)] = found.mask
+            report = _scaledProgress(progress, number, len(steps), request.images[targetID].name)
+            for sourceID, fromSource in groupBySource(request.timepointIDs, targetID, lesionIds, masks).items():
+                found = tracker.track_step(request.images[sourceID], request.images[targetID],
+                                           {lesionId: masks[(lesionId, sourceID)] for lesionId in fromSource},
+                                           progress=report, cancel_event=cancelEvent)
+                results.update({(lesionId, targetID): record for lesionId, record in found.items()})
+                updateKnownMasks(masks, targetID, found)
         return results
 
     def applyTracking(self, request: TrackingRequest, results: dict) -> dict[int, dict[str, Any]]:
         step = UndoStep(request.description)
         summary: dict[int, dict[str, Any]] = {}
-        for (lesionId, volumeID), found in results.items():
-            hasMask = found.found and found.mask is not None and found.mask.any()
-            status = segments.TRACKED if hasMask else segments.NOT_FOUND
-            self._writeLesion(step, self._volumeNode(volumeID), lesionId, found.mask if hasMask else None, status)
-            summary.setdefault(lesionId, {})[volumeID] = found
+        for (lesionId, volumeID), record in results.items():
+            found = hasLesionMask(record)
+            status = segments.TRACKED if found else segments.NOT_FOUND
+            self._writeLesion(step, self._volumeNode(volumeID), lesionId, record.mask if found else None, status)
+            summary.setdefault(lesionId, {})[volumeID] = record
         self._pushUndo(step)
         return summary
 
@@ -567,6 +566,19 @@ def groupBySource(timepointIDs: list[str], targetID: str, lesionIds: list[int],
         if source is not None:
             groups.setdefault(source, []).append(lesionId)
     return groups
+
+
+def hasLesionMask(record) -> bool:
+    """Whether a tracking record (LesionLocatorLib.tracking.LesionAtTimepoint) holds a non-empty mask."""
+    return bool(record.found and record.mask is not None and record.mask.any())
+
+
+def updateKnownMasks(masks: dict, targetID: str, found: dict) -> None:
+    """A lesion found on the target scan is tracked on from there; one not found there no longer is."""
+    for lesionId, record in found.items():
+        masks.pop((lesionId, targetID), None)
+        if hasLesionMask(record):
+            masks[(lesionId, targetID)] = record.mask
 
 
 def _scaledProgress(progress, number: int, count: int, targetName: str):

@@ -61,13 +61,13 @@ def ensureSegmentationConverterRules() -> None:
 def timepointSegmentationNode(volumeNode, create: bool = False):
     """The LesionLocator segmentation of a timepoint volume (created on request), or None."""
     scene = volumeNode.GetScene()
-    for node in _segmentationNodes(scene):
+    for node in segmentationNodes(scene):
         if node.GetAttribute(TIMEPOINT_ATTRIBUTE) and node.GetNodeReference(VOLUME_REFERENCE_ROLE) is volumeNode:
             return node
     return _createTimepointSegmentationNode(volumeNode) if create else None
 
 
-def _segmentationNodes(scene) -> list:
+def segmentationNodes(scene) -> list:
     nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
     return [nodes.GetItemAsObject(index) for index in range(nodes.GetNumberOfItems())]
 
