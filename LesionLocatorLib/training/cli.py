@@ -1,0 +1,106 @@
+"""`lesionlocator train`: generate synthetic training samples, train the Lite model, export and validate it.
+
+    lesionlocator train --output Resources/Models/LesionLocatorLite --work-dir scratch/lite --steps 3000
+    lesionlocator train ... --resume          # continue from <work-dir>/checkpoint_latest.pth
+
+Samples are cached in <work-dir>/samples (or --cache) and reused; stopping (Ctrl-C, --time-limit-min) keeps a
+resumable checkpoint. The model root is written once training reaches --steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LesionLocatorError
+from .plans import LiteModelConfig
+from .samples import TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
+from .trainer import TrainingOptions, export_model, train
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, type=Path, help="model root to write (manifest + net/)")
+    parser.add_argument("--work-dir", type=Path, help="checkpoints and logs (default: <output>_work)")
+    parser.add_argument("--cache", type=Path, help="training sample cache (default: <work-dir>/samples)")
+    parser.add_argument("--cache-size", type=int, default=1200, help="samples to generate (default 1200)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (poly decay)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    parser.add_argument("--resume", action="store_true", help="continue from <work-dir>/checkpoint_latest.pth")
+    parser.add_argument("--time-limit-min", type=float, help="stop training after this many minutes (resumable)")
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), default=list(LiteModelConfig.patch_size_zyx))
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=list(LiteModelConfig.spacing_zyx))
+    parser.add_argument("--features", type=int, nargs="+", default=list(LiteModelConfig.features_per_stage))
+    parser.add_argument("--blocks", type=int, nargs="+", default=list(LiteModelConfig.blocks_per_stage))
+    parser.add_argument("--backgrounds", nargs="+", metavar="NAME=WEIGHT",
+                        default=[f"{k}={v}" for k, v in TRAINING_BACKGROUNDS.items()],
+                        help="training backgrounds (real scan names or body_phantom/head_phantom) with weights")
+    parser.add_argument("--data-root", type=Path, help="shared data folder (default: $LESIONLOCATOR_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--validation-seed", type=int, default=1234)
+    parser.add_argument("--validation-cases", type=int, default=2, help="validation cases per held-out background")
+    parser.add_argument("--no-validate", action="store_true", help="skip the held-out validation after training")
+
+
+def _background_weights(entries: list[str]) -> dict[str, float]:
+    weights = {}
+    for entry in entries:
+        name, _, weight = entry.partition("=")
+        try:
+            weights[name] = float(weight or 1.0)
+        except ValueError as error:
+            raise LesionLocatorError(f"--backgrounds: '{entry}' is not NAME=WEIGHT.") from error
+    return weights
+
+
+def _cache_progress(done: int, total: int) -> None:
+    sys.stderr.write(f"\rgenerating samples {done}/{total} ")
+    sys.stderr.flush()
+
+
+def _validate(output: Path, work_dir: Path, args: argparse.Namespace) -> dict:
+    from ..synthetic.cases import VALIDATION_BACKGROUNDS, make_validation_set
+    from .validation import evaluate_segmentation, scores_as_dicts, summarize
+
+    cases = make_validation_set(args.validation_seed, VALIDATION_BACKGROUNDS, args.validation_cases,
+                                data_root=args.data_root)
+    scores = evaluate_segmentation(output, cases, device="cpu" if args.device == "auto" else args.device)
+    report = {"seed": args.validation_seed, "backgrounds": list(VALIDATION_BACKGROUNDS), "summary": summarize(scores),
+              "lesions": scores_as_dicts(scores)}
+    (work_dir / "validation.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    config = LiteModelConfig(tuple(args.patch_size), tuple(args.spacing), tuple(args.features), tuple(args.blocks))
+    work_dir = args.work_dir or args.output.with_name(args.output.name + "_work")
+    cache = args.cache or work_dir / "samples"
+    if args.cache_size > len(cached_sample_paths(cache)):
+        generator = SampleGenerator(config, np.random.default_rng(args.seed + 10_000),
+                                    _background_weights(args.backgrounds), args.data_root)
+        fill_cache(cache, args.cache_size, generator, _cache_progress)
+        sys.stderr.write("\n")
+    paths = cached_sample_paths(cache)[: args.cache_size]
+    options = TrainingOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                              device=args.device, threads=args.threads,
+                              time_limit_s=None if args.time_limit_min is None else 60 * args.time_limit_min)
+    try:
+        network, state = train(config, options, paths, work_dir, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint in {work_dir} resumes with --resume", file=sys.stderr)
+        return 130
+    sys.stderr.write("\n")
+    if state.step < args.steps:
+        print(f"stopped at step {state.step}/{args.steps}; continue with --resume", file=sys.stderr)
+        return 0
+    export_model(network, config, args.output, state)
+    print(f"model written to {args.output} ({state.step} steps, {state.seconds / 60:.1f} min of training)")
+    if not args.no_validate:
+        summary = _validate(args.output, work_dir, args)["summary"]
+        print(json.dumps(summary, indent=1))
+    return 0

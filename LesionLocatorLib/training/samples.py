@@ -1,0 +1,219 @@
+"""Training samples, made the way inference sees its input.
+
+Generation (slow, cached on disk): a synthetic case is made at the background's native resolution, and for each
+lesion the engine's own Preprocessor computes the window of the whole-image preprocessed grid (the plans' CT
+normalization and nnU-Net resampling) around it: (patch + 2 x margin) voxels, and the lesion's resampled mask.
+The window keeps its full size where the image allows it, as the engine's roi mode does.
+
+Batches (fast, at every step): a prompt is simulated on the target mask (a point ball anywhere in the lesion core,
+a jittered box + 1 voxel, or a previous mask), and the patch is placed exactly as inference places it: centred on
+the prompt's bounding box and shifted inside the image (every tile overlapping a larger prompt is a candidate), or,
+for previous masks, centred on their centre of mass as the Tracker places its patch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from scipy import ndimage
+
+from ..image import ImageVolume
+from ..prediction import centred_tile_start, inclusive_bbox, tile_starts
+from ..preprocessing import Preprocessor
+from ..prompts import BOX_MARGIN_VOXELS, dense_box, dense_point
+from ..synthetic.backgrounds import Background, load_background
+from ..synthetic.cases import SyntheticCase, make_case
+from ..synthetic.prompts import jittered_box, sample_point_prompt, simulate_previous_mask
+from .plans import LiteModelConfig, plans_model_folder
+
+CROP_MARGIN_ZYX = (6, 12, 12)  # preprocessed voxels kept around the patch: room for off-centre prompts
+PROMPT_KINDS = ("point", "box", "mask")
+DEFAULT_PROMPT_MIX = (0.4, 0.4, 0.2)
+# training backgrounds: real scans + phantoms; validation uses other scans (see synthetic.cases)
+TRAINING_BACKGROUNDS = {"abdomen_ct": 0.25, "cranium_ct": 0.2, "body_phantom": 0.35, "head_phantom": 0.2}
+PHANTOM_POOL_SIZE = 6  # phantoms per kind, made once per generation run
+
+
+@dataclass
+class TrainingSample:
+    image: np.ndarray  # float32 (z, y, x), normalized, preprocessed space
+    target: np.ndarray  # bool (z, y, x): the prompted lesion
+    meta: dict
+
+
+# --- generation ------------------------------------------------------------------------------------------------
+def crop_region(center_zyx: np.ndarray, image: ImageVolume, config: LiteModelConfig) -> tuple[slice, slice, slice]:
+    """Original voxels around `center_zyx` covering patch + margin in preprocessed voxels (+2 original voxels of
+    resampling context), shifted inside the image where it is large enough."""
+    target_spacing = np.asarray(config.spacing_zyx)
+    size_target = np.asarray(config.patch_size_zyx) + 2 * np.asarray(CROP_MARGIN_ZYX)
+    half = size_target * target_spacing / np.asarray(image.spacing_zyx) / 2 + 2
+    start = np.floor(center_zyx - half).astype(int)
+    stop = np.ceil(center_zyx + half).astype(int) + 1
+    shape = np.asarray(image.shape_zyx)
+    shift = np.maximum(0, -start) - np.maximum(0, stop - shape)
+    start, stop = np.clip(start + shift, 0, shape), np.clip(stop + shift, 0, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def _centred_crop(array: np.ndarray, center: np.ndarray, size: np.ndarray) -> tuple[slice, ...]:
+    """A window of `size` centred on `center`, shifted inside `array` (smaller where the array is smaller)."""
+    shape = np.asarray(array.shape)
+    size = np.minimum(size, shape)
+    start = np.clip(np.round(center - size / 2).astype(int), 0, shape - size)
+    return tuple(slice(int(a), int(a + s)) for a, s in zip(start, size))
+
+
+def samples_from_case(case: SyntheticCase, preprocessor: Preprocessor, config: LiteModelConfig) -> list[TrainingSample]:
+    """One preprocessed crop per lesion of the case (lesions lost in resampling are skipped)."""
+    samples = []
+    crop_size = np.asarray(config.patch_size_zyx) + 2 * np.asarray(CROP_MARGIN_ZYX)
+    for lesion in case.lesions:
+        mask = case.lesion_mask(lesion.lesion_id)
+        coords = np.argwhere(mask)
+        if coords.size == 0:
+            continue
+        center = (coords.min(axis=0) + coords.max(axis=0)) / 2
+        pre = preprocessor.preprocess_window(case.image, crop_region(center, case.image, config))
+        target = preprocessor.resample_mask_window(mask, pre) >= 0.5  # nnU-Net: per-label linear, then >= 0.5
+        if not np.any(target):
+            continue
+        lesion_voxels = np.argwhere(target)
+        window = _centred_crop(target, (lesion_voxels.min(axis=0) + lesion_voxels.max(axis=0)) / 2, crop_size)
+        meta = {"case": case.name, "lesion_id": lesion.lesion_id, "site": lesion.site, "shape": lesion.shape_kind,
+                "appearance": lesion.appearance.kind, "diameter_mm": round(lesion.diameter_mm, 2),
+                "native_spacing_zyx": list(case.image.spacing_zyx)}
+        samples.append(TrainingSample(pre.data[0][window], target[window], meta))
+    return samples
+
+
+class SampleGenerator:
+    """Makes training samples from a weighted mix of real backgrounds and phantom pools."""
+
+    def __init__(self, config: LiteModelConfig, rng: np.random.Generator,
+                 background_weights: dict[str, float] | None = None, data_root=None, lesions_per_case: int = 4):
+        self.config = config
+        self.rng = rng
+        self.preprocessor = Preprocessor(plans_model_folder(config))
+        self.lesions_per_case = lesions_per_case
+        weights = dict(background_weights or TRAINING_BACKGROUNDS)
+        self.names = list(weights)
+        self.probabilities = np.asarray([weights[n] for n in self.names], float) / sum(weights.values())
+        self.data_root = data_root
+        self._pools: dict[str, list[Background]] = {}
+
+    def _background(self, name: str) -> Background:
+        if name not in self._pools:
+            if name in ("body_phantom", "head_phantom"):
+                seeds = self.rng.integers(0, 2**31, size=PHANTOM_POOL_SIZE)
+                self._pools[name] = [load_background(f"{name}:{seed}") for seed in seeds]
+            else:
+                self._pools[name] = [load_background(name, self.data_root)]
+        pool = self._pools[name]
+        return pool[int(self.rng.integers(len(pool)))]
+
+    def next_samples(self) -> list[TrainingSample]:
+        name = str(self.rng.choice(self.names, p=self.probabilities))
+        case = make_case(self._background(name), self.rng, self.lesions_per_case)
+        return samples_from_case(case, self.preprocessor, self.config)
+
+
+# --- cache -----------------------------------------------------------------------------------------------------
+def save_sample(folder: Path, index: int, sample: TrainingSample) -> Path:
+    path = folder / f"sample_{index:06d}.npz"
+    tmp = folder / f".sample_{index:06d}.tmp.npz"
+    np.savez(tmp, image=sample.image.astype(np.float16), target=np.packbits(sample.target),
+             shape=np.asarray(sample.target.shape), meta=json.dumps(sample.meta))
+    os.replace(tmp, path)
+    return path
+
+
+def load_sample(path: Path) -> TrainingSample:
+    with np.load(path) as data:
+        shape = tuple(int(s) for s in data["shape"])
+        target = np.unpackbits(data["target"], count=int(np.prod(shape))).reshape(shape).astype(bool)
+        return TrainingSample(data["image"].astype(np.float32), target, json.loads(str(data["meta"])))
+
+
+def cached_sample_paths(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("sample_*.npz"))
+
+
+def fill_cache(folder: str | Path, count: int, generator: SampleGenerator, progress=None) -> list[Path]:
+    """Generate samples until `folder` holds `count` (resumable: existing samples are kept)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = cached_sample_paths(folder)
+    while len(paths) < count:
+        for sample in generator.next_samples():
+            if len(paths) >= count:
+                break
+            paths.append(save_sample(folder, len(paths), sample))
+        if progress is not None:
+            progress(len(paths), count)
+    return paths[:count]
+
+
+# --- batches ---------------------------------------------------------------------------------------------------
+def simulate_dense_prompt(target: np.ndarray, kind: str, rng: np.random.Generator,
+                          spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """The prompt channel for `target` in preprocessed voxels, as inference encodes it."""
+    if kind == "point":
+        return dense_point(sample_point_prompt(target, rng, spacing_zyx), target.shape)
+    if kind == "box":
+        lo, hi = jittered_box(target, rng, max_jitter_voxels=2)
+        shape = np.asarray(target.shape)
+        return dense_box(np.maximum(np.asarray(lo) - BOX_MARGIN_VOXELS, 0), np.minimum(np.asarray(hi) + BOX_MARGIN_VOXELS, shape),
+                         target.shape)
+    if kind == "mask":
+        return simulate_previous_mask(target, rng, spacing_zyx).astype(np.float32)
+    raise ValueError(f"Unknown prompt kind '{kind}'; use one of {PROMPT_KINDS}.")
+
+
+def place_patch(image: np.ndarray, target: np.ndarray, prompt: np.ndarray, patch_size_zyx: Sequence[int],
+                rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop (image, target, prompt) to the patch inference would predict for this prompt: points and boxes as the
+    Segmenter places it (centred on the prompt's bounding box, shifted inside; a prompt larger than the patch
+    picks one of its tiles), previous masks as the Tracker does (centred on the rounded centre of mass). Crops
+    smaller than the patch are zero-padded, centred, like inference pads images."""
+    stacked = np.stack([image, target.astype(np.float32), prompt])
+    padded = pad_nd_image(stacked, tuple(patch_size_zyx), "constant", {"constant_values": 0}, False)
+    if kind == "mask":
+        starts = [centred_tile_start(np.round(ndimage.center_of_mass(padded[2] > 0)), padded.shape[1:], patch_size_zyx)]
+    else:
+        prompt_min, prompt_max = inclusive_bbox(padded[2] > 0)
+        starts = tile_starts(padded.shape[1:], patch_size_zyx, prompt_min, prompt_max, 0.5)
+    start = starts[int(rng.integers(len(starts)))]
+    window = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(start, patch_size_zyx))
+    patch = padded[window]
+    return patch[0], patch[1] > 0.5, patch[2]
+
+
+def augment(image: np.ndarray, target: np.ndarray, prompt: np.ndarray, rng: np.random.Generator):
+    """Mirroring on all axes (inference's TTA axes) and mild intensity changes (normalized units)."""
+    for axis in range(3):
+        if rng.random() < 0.5:
+            image, target, prompt = (np.flip(a, axis) for a in (image, target, prompt))
+    image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
+    if rng.random() < 0.3:
+        image = image + rng.normal(0, rng.uniform(0.0, 0.08), size=image.shape)
+    return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(target), np.ascontiguousarray(prompt)
+
+
+def make_batch(samples: Sequence[TrainingSample], config: LiteModelConfig, rng: np.random.Generator,
+               prompt_mix: Sequence[float] = DEFAULT_PROMPT_MIX) -> tuple[np.ndarray, np.ndarray]:
+    """Network input (batch, 2, z, y, x) [image, prompt] and target (batch, z, y, x) int64."""
+    inputs, targets = [], []
+    for sample in samples:
+        kind = str(rng.choice(PROMPT_KINDS, p=np.asarray(prompt_mix) / np.sum(prompt_mix)))
+        prompt = simulate_dense_prompt(sample.target, kind, rng, config.spacing_zyx)
+        image, target, prompt = place_patch(sample.image, sample.target, prompt, config.patch_size_zyx, rng, kind)
+        image, target, prompt = augment(image, target, prompt, rng)
+        inputs.append(np.stack([image, prompt]))
+        targets.append(target.astype(np.int64))
+    return np.stack(inputs), np.stack(targets)

@@ -1,0 +1,177 @@
+"""The training loop: Dice + cross-entropy, AdamW with a poly learning-rate decay, resumable checkpoints.
+
+The work folder holds `checkpoint_latest.pth` (weights, optimizer, step, random state, loss log; written every
+`checkpoint_every` steps and on stop) and `training_log.json`. The model root written at the end is the official
+format (see plans.write_model_root) and holds no training state.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint_file
+from ..errors import LesionLocatorError
+from ..prediction import resolve_device
+from .plans import LiteModelConfig, build_lite_network, write_model_root
+from .samples import DEFAULT_PROMPT_MIX, TrainingSample, load_sample, make_batch
+
+LATEST = "checkpoint_latest.pth"
+
+
+@dataclass
+class TrainingOptions:
+    steps: int = 3000
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+    time_limit_s: float | None = None  # stop (resumable) after this much wall time in this run
+    prompt_mix: tuple[float, float, float] = DEFAULT_PROMPT_MIX  # point, box, previous mask
+    samples_in_memory: int = 400  # cached samples held in RAM at once (a random subset, refreshed)
+
+
+@dataclass
+class TrainingState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # mean loss per log interval
+    seconds: float = 0.0  # training wall time over all runs
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + (1 - soft Dice of the lesion class over the whole batch), as nnU-Net's batch Dice."""
+    cross_entropy = torch.nn.functional.cross_entropy(logits, target)
+    probability = torch.softmax(logits, dim=1)[:, 1]
+    foreground = (target == 1).float()
+    intersection = (probability * foreground).sum()
+    dice = (2 * intersection + 1e-5) / (probability.sum() + foreground.sum() + 1e-5)
+    return cross_entropy + (1 - dice)
+
+
+def poly_learning_rate(step: int, options: TrainingOptions) -> float:
+    if step < options.warmup_steps:
+        return options.learning_rate * (step + 1) / options.warmup_steps
+    return options.learning_rate * (1 - step / options.steps) ** 0.9
+
+
+class SamplePool:
+    """A random subset of the cached samples in memory, one member replaced every few steps."""
+
+    def __init__(self, paths: list[Path], size: int, rng: np.random.Generator):
+        if not paths:
+            raise LesionLocatorError("The training sample cache is empty; generate samples first (--cache-size > 0).")
+        self.paths = paths
+        self.rng = rng
+        chosen = rng.choice(len(paths), size=min(size, len(paths)), replace=False)
+        self.samples: list[TrainingSample] = [load_sample(paths[i]) for i in chosen]
+
+    def draw(self, count: int) -> list[TrainingSample]:
+        return [self.samples[i] for i in self.rng.integers(len(self.samples), size=count)]
+
+    def refresh_one(self) -> None:
+        if len(self.paths) > len(self.samples):
+            self.samples[int(self.rng.integers(len(self.samples)))] = load_sample(
+                self.paths[int(self.rng.integers(len(self.paths)))])
+
+
+def _save_latest(work_dir: Path, network, optimizer, state: TrainingState, rng: np.random.Generator,
+                 config: LiteModelConfig) -> None:
+    payload = {
+        "network_weights": network.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "state": json.dumps(asdict(state)),
+        "rng_state": json.dumps(rng.bit_generator.state),
+        "config": json.dumps(asdict(config)),
+    }
+    tmp = work_dir / (LATEST + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(work_dir / LATEST)
+
+
+def _load_latest(work_dir: Path, network, optimizer, rng: np.random.Generator, config: LiteModelConfig) -> TrainingState:
+    checkpoint = load_checkpoint_file(work_dir / LATEST)
+    saved = LiteModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(checkpoint["config"]).items()})
+    if saved != config:
+        raise LesionLocatorError(f"{work_dir / LATEST} was trained with another model configuration ({saved}); "
+                                 "use the same options or another --work-dir.")
+    network.load_state_dict(checkpoint["network_weights"])
+    optimizer.load_state_dict(checkpoint["optimizer_state"])
+    rng.bit_generator.state = json.loads(checkpoint["rng_state"])
+    return TrainingState(**json.loads(checkpoint["state"]))
+
+
+def progress_bar(step: int, total: int, loss: float, seconds_per_step: float) -> None:
+    """One updating line on stderr."""
+    width = 30
+    done = int(width * step / max(total, 1))
+    eta = (total - step) * seconds_per_step
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{total} loss {loss:.4f} "
+                     f"{seconds_per_step:.2f} s/step eta {eta / 60:.0f} min ")
+    sys.stderr.flush()
+
+
+def train(config: LiteModelConfig, options: TrainingOptions, sample_paths: list[Path], work_dir: str | Path,
+          resume: bool = False, progress: Callable[[int, int, float, float], None] | None = progress_bar,
+          ) -> tuple[torch.nn.Module, TrainingState]:
+    """Train (or continue) the Lite network on cached samples; returns the network and the state reached."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    device = resolve_device(options.device)
+    network = build_lite_network(config).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
+    state = TrainingState()
+    if resume:
+        if not (work_dir / LATEST).is_file():
+            raise LesionLocatorError(f"Nothing to resume: {work_dir / LATEST} does not exist.")
+        state = _load_latest(work_dir, network, optimizer, rng, config)
+    pool = SamplePool(sample_paths, options.samples_in_memory, rng)
+    network.train()
+    started, first_step = time.time(), state.step
+    interval_losses: list[float] = []
+    while state.step < options.steps:
+        if options.time_limit_s is not None and time.time() - started > options.time_limit_s:
+            break
+        inputs, targets = make_batch(pool.draw(options.batch_size), config, rng, options.prompt_mix)
+        for group in optimizer.param_groups:
+            group["lr"] = poly_learning_rate(state.step, options)
+        optimizer.zero_grad(set_to_none=True)
+        loss = dice_ce_loss(network(torch.from_numpy(inputs).to(device)), torch.from_numpy(targets).to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        optimizer.step()
+        interval_losses.append(float(loss.item()))
+        state.step += 1
+        if state.step % 4 == 0:
+            pool.refresh_one()
+        if state.step % options.log_every == 0 or state.step == options.steps:
+            state.losses.append(float(np.mean(interval_losses)))
+            interval_losses = []
+            if progress is not None:
+                progress(state.step, options.steps, state.losses[-1],
+                         (time.time() - started) / max(1, state.step - first_step))
+        if state.step % options.checkpoint_every == 0:
+            _save_latest(work_dir, network, optimizer, state, rng, config)
+    state.seconds += time.time() - started
+    _save_latest(work_dir, network, optimizer, state, rng, config)
+    (work_dir / "training_log.json").write_text(json.dumps({**asdict(state), "options": asdict(options)}, indent=1))
+    return network, state
+
+
+def export_model(network: torch.nn.Module, config: LiteModelConfig, model_root: str | Path, state: TrainingState) -> Path:
+    """Write the trained network as an official-format model root (fp32 weights, no optimizer state)."""
+    weights = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
+    return write_model_root(model_root, config, weights, extra={"current_epoch": state.step})

@@ -1,0 +1,131 @@
+"""Validation of a model on held-out synthetic cases, through the engine's own Segmenter and Tracker.
+
+Dice is computed per lesion on the original grid of the scan, between the engine's output mask and the exact
+synthetic ground truth. Reusable by `lesionlocator evaluate`: build cases with
+`synthetic.make_validation_set(seed, backgrounds)` and pass them here.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..prompts import BoxPrompt, PointPrompt
+from ..synthetic.cases import ValidationCase
+from ..synthetic.followup import PRESENT
+
+SIZE_BINS_MM = (0.0, 10.0, 20.0, 40.0, np.inf)
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class LesionScore:
+    case: str
+    lesion_id: int
+    prompt: str  # point, box or track
+    dice: float
+    diameter_mm: float
+    site: str
+    shape: str
+    seconds: float  # engine time per lesion (a whole call divided by its lesions)
+
+
+def dice_score(prediction: np.ndarray | None, truth: np.ndarray) -> float:
+    truth = np.asarray(truth, bool)
+    prediction = np.zeros_like(truth) if prediction is None else np.asarray(prediction, bool)
+    total = int(prediction.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, truth).sum()) / total
+
+
+def _prompts(case: ValidationCase, kind: str) -> dict:
+    if kind == "point":
+        return {k: PointPrompt(tuple(float(v) for v in p)) for k, p in case.points_zyx.items()}
+    if kind == "box":
+        return {k: BoxPrompt(tuple(float(v) for v in lo), tuple(float(v) for v in hi)) for k, (lo, hi) in case.boxes_zyx.items()}
+    raise ValueError(f"Unknown prompt kind '{kind}'; use 'point' or 'box'.")
+
+
+def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase], prompt_kinds=("point", "box"),
+                          device: str = "cpu", progress: Progress | None = None) -> list[LesionScore]:
+    """Dice per lesion and prompt kind with the engine's Segmenter (preset 'fast': one fold, no TTA, roi mode)."""
+    from ..segmentation import Segmenter
+
+    segmenter = Segmenter(model_root, device=device, preset="fast")
+    scores = []
+    for number, validation_case in enumerate(cases):
+        case = validation_case.case
+        for kind in prompt_kinds:
+            if progress is not None:
+                progress(number / max(len(cases), 1), f"{case.name}: {kind}")
+            prompts = _prompts(validation_case, kind)
+            started = time.perf_counter()
+            result = segmenter.segment(case.image, prompts)
+            seconds = (time.perf_counter() - started) / max(len(prompts), 1)
+            for lesion in case.lesions:
+                score = dice_score(result.masks.get(lesion.lesion_id), case.lesion_mask(lesion.lesion_id))
+                scores.append(LesionScore(case.name, lesion.lesion_id, kind, score, lesion.diameter_mm, lesion.site,
+                                          lesion.shape_kind, seconds))
+    return scores
+
+
+def evaluate_tracking(model_root: str | Path, cases: Sequence[ValidationCase], device: str = "cpu",
+                      registration: str = "classical", progress: Progress | None = None) -> list[LesionScore]:
+    """Dice per lesion present in both scans: baseline ground-truth masks tracked into the synthetic follow-up by
+    the engine's Tracker (registration + the model's track network)."""
+    from ..tracking import Tracker
+
+    tracker = Tracker(model_root, device=device, registration=registration)
+    scores = []
+    for number, validation_case in enumerate(cases):
+        follow_up = validation_case.follow_up
+        if follow_up is None:
+            continue
+        case = validation_case.case
+        if progress is not None:
+            progress(number / max(len(cases), 1), f"{case.name}: track")
+        present = [lesion for lesion in case.lesions if follow_up.lesion(lesion.lesion_id).status == PRESENT]
+        masks = {lesion.lesion_id: case.lesion_mask(lesion.lesion_id) for lesion in present}
+        if not masks:
+            continue
+        started = time.perf_counter()
+        records = tracker.track_step(case.image, follow_up.image, masks)
+        seconds = (time.perf_counter() - started) / len(masks)
+        tracker.clear_cache()
+        for lesion in present:
+            record = records[lesion.lesion_id]
+            score = dice_score(record.mask if record.found else None, follow_up.lesion_mask(lesion.lesion_id))
+            scores.append(LesionScore(case.name, lesion.lesion_id, "track", score, lesion.diameter_mm, lesion.site,
+                                      lesion.shape_kind, seconds))
+    return scores
+
+
+def summarize(scores: Sequence[LesionScore]) -> dict:
+    """Per prompt kind: lesions, mean/median Dice, share with Dice >= 0.5, mean seconds, mean Dice per size bin."""
+    summary = {}
+    for kind in sorted({s.prompt for s in scores}):
+        chosen = [s for s in scores if s.prompt == kind]
+        dice = np.array([s.dice for s in chosen])
+        diameters = np.array([s.diameter_mm for s in chosen])
+        bins = {}
+        for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:]):
+            inside = (diameters >= lo) & (diameters < hi)
+            if np.any(inside):
+                label = f"{lo:.0f}-{hi:.0f}mm" if np.isfinite(hi) else f">={lo:.0f}mm"
+                bins[label] = {"lesions": int(inside.sum()), "mean_dice": round(float(dice[inside].mean()), 4)}
+        summary[kind] = {
+            "lesions": len(chosen),
+            "mean_dice": round(float(dice.mean()), 4),
+            "median_dice": round(float(np.median(dice)), 4),
+            "dice_at_least_0.5": round(float(np.mean(dice >= 0.5)), 4),
+            "mean_seconds_per_lesion": round(float(np.mean([s.seconds for s in chosen])), 3),
+            "by_diameter": bins,
+        }
+    return summary
+
+
+def scores_as_dicts(scores: Sequence[LesionScore]) -> list[dict]:
+    return [{**asdict(s), "dice": round(s.dice, 4), "diameter_mm": round(s.diameter_mm, 2),
+             "seconds": round(s.seconds, 3)} for s in scores]

@@ -1,0 +1,135 @@
+"""Lite model training: samples made like inference input, a tiny training run, an official-format checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from LesionLocatorLib.checkpoint import MODEL_MANIFEST, load_checkpoint_folder, resolve_task_folder
+from LesionLocatorLib.prompts import POINT_BALL_RADIUS
+from LesionLocatorLib.synthetic.cases import make_case
+from LesionLocatorLib.synthetic.phantoms import make_phantom
+from LesionLocatorLib.preprocessing import Preprocessor
+from LesionLocatorLib.training.plans import (
+    LiteModelConfig, build_lite_network, config_from_plans, make_plans, plans_model_folder,
+)
+from LesionLocatorLib.training.samples import (
+    cached_sample_paths, load_sample, make_batch, place_patch, samples_from_case, save_sample, simulate_dense_prompt,
+)
+from LesionLocatorLib.training.trainer import TrainingOptions, export_model, train
+
+TINY = LiteModelConfig(patch_size_zyx=(16, 32, 32), spacing_zyx=(3.0, 3.0, 3.0), features_per_stage=(4, 8, 16),
+                       blocks_per_stage=(1, 1, 1))
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "Resources" / "Models" / "LesionLocatorLite"
+
+
+@pytest.fixture(scope="module")
+def tiny_samples():
+    rng = np.random.default_rng(3)
+    background = make_phantom("head_phantom", rng, max_voxels=300_000)
+    case = make_case(background, rng, lesion_count=3, diameter_range_mm=(12.0, 30.0))
+    samples = samples_from_case(case, Preprocessor(plans_model_folder(TINY)), TINY)
+    assert samples, "no lesion survived resampling"
+    return samples
+
+
+def test_plans_are_complete_nnunet_plans():
+    plans = make_plans(LiteModelConfig())
+    configuration = plans["configurations"]["3d_fullres"]
+    for key in ("spacing", "patch_size", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
+                "resampling_fn_seg", "resampling_fn_probabilities", "resampling_fn_data_kwargs", "architecture"):
+        assert key in configuration
+    assert configuration["architecture"]["network_class_name"].endswith("unet.ResidualEncoderUNet")
+    assert set(plans["foreground_intensity_properties_per_channel"]["0"]) >= {"mean", "std", "percentile_00_5",
+                                                                              "percentile_99_5"}
+    assert plans["transpose_forward"] == plans["transpose_backward"] == [0, 1, 2]
+    assert config_from_plans(plans) == LiteModelConfig()
+
+
+def test_default_network_size_and_cpu_speed():
+    network = build_lite_network(LiteModelConfig()).eval()
+    parameters = sum(p.numel() for p in network.parameters())
+    assert parameters * 4 < 20e6  # fp32 weights well under the 25 MB budget
+    with torch.no_grad():
+        output = network(torch.zeros((1, 2) + LiteModelConfig().patch_size_zyx))
+    assert output.shape == (1, 2) + LiteModelConfig().patch_size_zyx
+
+
+def test_samples_are_preprocessed_crops_with_the_lesion(tiny_samples):
+    for sample in tiny_samples:
+        assert sample.image.dtype == np.float32 and sample.target.any()
+        assert sample.image.shape == sample.target.shape
+        # CT normalization with the plans' statistics: clipped HU range maps to about [-3.0, 2.8]
+        assert -3.1 < sample.image.min() and sample.image.max() < 2.9
+
+
+def test_prompt_encoding_and_patch_placement_match_inference(tiny_samples):
+    rng = np.random.default_rng(0)
+    sample = max(tiny_samples, key=lambda s: s.target.sum())
+    point = simulate_dense_prompt(sample.target, "point", rng)
+    centre = np.argwhere(point == 1).mean(axis=0)
+    assert sample.target[tuple(np.round(centre).astype(int))]
+    if np.all((centre >= POINT_BALL_RADIUS) & (centre < np.asarray(point.shape) - POINT_BALL_RADIUS)):
+        assert point.sum() == 739  # skimage ball(5, strict_radius=False)
+    box = simulate_dense_prompt(sample.target, "box", rng)
+    assert np.all(box[sample.target] == 1) or box[sample.target].mean() > 0.9  # box covers the lesion up to jitter
+    image, target, prompt = place_patch(sample.image, sample.target, box, TINY.patch_size_zyx, rng, "box")
+    assert image.shape == target.shape == prompt.shape == TINY.patch_size_zyx
+    lo, hi = np.argwhere(prompt > 0).min(axis=0), np.argwhere(prompt > 0).max(axis=0)
+    patch = np.asarray(TINY.patch_size_zyx)
+    free = (lo > 0) & (hi < patch - 1)  # axes where the patch was not shifted by the crop border
+    assert np.all(np.abs((lo + hi) / 2 - (patch - 1) / 2)[free] <= 1.0)
+
+
+def test_batches_have_network_layout(tiny_samples):
+    inputs, targets = make_batch(tiny_samples[:2], TINY, np.random.default_rng(1))
+    assert inputs.shape == (2, 2) + TINY.patch_size_zyx and targets.shape == (2,) + TINY.patch_size_zyx
+    assert inputs.dtype == np.float32 and targets.dtype == np.int64
+    assert np.all(inputs[:, 1].reshape(2, -1).max(axis=1) == 1)  # every sample has a prompt
+
+
+def test_tiny_training_reduces_loss_and_writes_a_loadable_model(tiny_samples, tmp_path):
+    (tmp_path / "cache").mkdir()
+    save_sample(tmp_path / "cache", 0, tiny_samples[0])
+    paths = cached_sample_paths(tmp_path / "cache")
+    assert load_sample(paths[0]).target.sum() == tiny_samples[0].target.sum()
+    options = TrainingOptions(steps=30, learning_rate=1e-2, warmup_steps=1, log_every=1, checkpoint_every=10, seed=0,
+                              device="cpu", prompt_mix=(0.0, 1.0, 0.0))
+    network, state = train(TINY, options, paths, tmp_path / "work", progress=None)
+    assert state.step == 30 and len(state.losses) == 30
+    assert np.mean(state.losses[-5:]) < 0.8 * np.mean(state.losses[:5])
+
+    root = export_model(network, TINY, tmp_path / "model", state)
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    assert manifest["tasks"] == {"point": "net", "box": "net", "track": "net"}
+    for task in ("point", "box", "track"):
+        assert resolve_task_folder(root, task) == root / "net"
+    model = load_checkpoint_folder(root / "net")
+    rebuilt = model.build_network()
+    rebuilt.load_state_dict(model.fold_weights[0], strict=True)
+    assert model.patch_size_zyx == TINY.patch_size_zyx and model.num_image_channels == 1 and model.num_classes == 2
+
+
+def test_resume_continues_from_the_latest_checkpoint(tiny_samples, tmp_path):
+    (tmp_path / "cache").mkdir()
+    save_sample(tmp_path / "cache", 0, tiny_samples[0])
+    paths = cached_sample_paths(tmp_path / "cache")
+    first = TrainingOptions(steps=6, time_limit_s=0.0, device="cpu", checkpoint_every=2)
+    _, state = train(TINY, first, paths, tmp_path / "work", progress=None)
+    assert state.step == 0  # the time limit stopped it before the first step, leaving a checkpoint
+    _, state = train(TINY, TrainingOptions(steps=6, device="cpu"), paths, tmp_path / "work", resume=True, progress=None)
+    assert state.step == 6
+
+
+@pytest.mark.skipif(not (BUNDLED / MODEL_MANIFEST).is_file(), reason="bundled Lite model not trained yet")
+def test_bundled_model_loads_strictly_and_fits_the_size_budget():
+    total_bytes = sum(p.stat().st_size for p in BUNDLED.rglob("*") if p.is_file())
+    assert total_bytes <= 25 * 1024 * 1024
+    model = load_checkpoint_folder(resolve_task_folder(BUNDLED, "point"))
+    network = model.build_network()
+    network.load_state_dict(model.fold_weights[0], strict=True)
+    assert all(v.dtype == torch.float32 for v in model.fold_weights[0].values() if v.is_floating_point())
