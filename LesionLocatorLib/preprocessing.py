@@ -244,15 +244,23 @@ class Preprocessor:
         return normalized[0], normalized[1]
 
     def resample_mask_window(self, mask_zyx: np.ndarray, pre: PreprocessedImage) -> np.ndarray:
-        """Fraction of a binary original-space mask in each voxel of the window (segmentation interpolation)."""
+        """A binary original-space mask on the window, as nnU-Net's segmentation resampling makes it: each label's
+        indicator interpolated, the larger wins, exact ties go to the nearest original voxel."""
         config = self.configuration.configuration
         interpolation = self.interpolation(config["resampling_fn_seg"], config["resampling_fn_seg_kwargs"],
                                            pre.original_spacing_zyx, pre.target_spacing_zyx)
-        interpolation = Interpolation(min(interpolation.order, 1), interpolation.order_separate, interpolation.separate_axis)
         crop = _context_crop(pre.grid_region, 1.0 / pre.scale_zyx, pre.nonzero_shape_zyx)
         absolute = tuple(slice(n.start + c.start, n.start + c.stop) for n, c in zip(pre.nonzero_region, crop))
-        return resample_window(mask_zyx[absolute].astype(np.float64), [c.start for c in crop], pre.nonzero_shape_zyx,
-                               pre.grid_shape_zyx, pre.grid_region, interpolation, None, None)
+        inside = np.asarray(mask_zyx[absolute] > 0, dtype=np.float64)
+
+        def resample(values: np.ndarray, order: int) -> np.ndarray:
+            linear = Interpolation(min(order, 1), interpolation.order_separate, interpolation.separate_axis)
+            return resample_window(values, [c.start for c in crop], pre.nonzero_shape_zyx, pre.grid_shape_zyx,
+                                   pre.grid_region, linear, None, None)
+
+        foreground, background = resample(inside, interpolation.order), resample(1.0 - inside, interpolation.order)
+        nearest = resample(inside, 0) > 0.5
+        return np.where(foreground == background, nearest, foreground > background)
 
     def window_to_original(self, difference_zyx: np.ndarray, pre: PreprocessedImage) -> tuple[np.ndarray, Region]:
         """Resample a window of logits back to the original voxels it alone determines; returns (values, region)."""
@@ -277,6 +285,16 @@ def _context_crop(window: Region, ratio, input_shape) -> Region:
     return tuple(crop)
 
 
+def _axis_coordinates(out_range: range, ratio: float, crop_start: int) -> np.ndarray:
+    # the same expression (and so the same rounding) as skimage/scipy zoom: ties at 0.5 then break the same way
+    return (np.arange(out_range.start, out_range.stop, dtype=np.float64) + 0.5) * ratio - 0.5 - crop_start
+
+
+def _sample(data: np.ndarray, axes_coordinates: list[np.ndarray], order: int) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*axes_coordinates, indexing="ij"))
+    return ndimage.map_coordinates(data, grid, order=order, mode="nearest")
+
+
 def resample_window(crop_zyx: np.ndarray, crop_start_zyx, full_in_shape, full_out_shape, out_window: Region,
                     interpolation: Interpolation, clip_lo, clip_hi) -> np.ndarray:
     """Values of `full_in -> full_out` resampling inside `out_window`, computed from a crop of the input.
@@ -284,25 +302,22 @@ def resample_window(crop_zyx: np.ndarray, crop_start_zyx, full_in_shape, full_ou
     Output voxel i of an axis samples input coordinate (i + 0.5) * in/out - 0.5 (skimage/torch align_corners=False),
     edges repeated. With a separate anisotropic axis, first the other two axes (order `order`, clipped per slice),
     then that axis (order `order_separate`), as nnU-Net does."""
-    ratio = np.asarray(full_in_shape, float) / np.asarray(full_out_shape, float)
-    out_start = np.array([w.start for w in out_window], float)
-    out_shape = tuple(int(w.stop - w.start) for w in out_window)
-    offset = (out_start + 0.5) * ratio - 0.5 - np.asarray(crop_start_zyx, float)
+    ratios = [float(i) / float(o) for i, o in zip(full_in_shape, full_out_shape)]
     data = np.asarray(crop_zyx, dtype=np.float64)
+    coordinates = [_axis_coordinates(range(w.start, w.stop), r, int(c))
+                   for w, r, c in zip(out_window, ratios, crop_start_zyx)]
     axis = interpolation.separate_axis
     if axis is None:
-        out = ndimage.affine_transform(data, ratio, offset, out_shape, order=interpolation.order, mode="nearest")
+        out = _sample(data, coordinates, interpolation.order)
         return out if clip_lo is None else np.clip(out, clip_lo, clip_hi)
-    in_plane_ratio, in_plane_offset, in_plane_shape = ratio.copy(), offset.copy(), list(out_shape)
-    in_plane_ratio[axis], in_plane_offset[axis], in_plane_shape[axis] = 1.0, 0.0, data.shape[axis]
     # sampling exactly at the knots along `axis` reproduces each slice: a 3D spline here equals nnU-Net's 2D ones
-    in_plane = ndimage.affine_transform(data, in_plane_ratio, in_plane_offset, tuple(in_plane_shape),
-                                        order=interpolation.order, mode="nearest")
+    in_plane_coordinates = list(coordinates)
+    in_plane_coordinates[axis] = np.arange(data.shape[axis], dtype=np.float64)
+    in_plane = _sample(data, in_plane_coordinates, interpolation.order)
     if clip_lo is not None:
         shape = [1, 1, 1]
         shape[axis] = -1
         in_plane = np.clip(in_plane, np.reshape(clip_lo, shape), np.reshape(clip_hi, shape))
-    along_ratio, along_offset = np.ones(3), np.zeros(3)
-    along_ratio[axis], along_offset[axis] = ratio[axis], offset[axis]
-    return ndimage.affine_transform(in_plane, along_ratio, along_offset, out_shape, order=interpolation.order_separate,
-                                    mode="nearest")
+    along = [np.arange(n, dtype=np.float64) for n in in_plane.shape]
+    along[axis] = coordinates[axis]
+    return _sample(in_plane, along, interpolation.order_separate)

@@ -219,7 +219,7 @@ class Segmenter:
         if self.mode == "exact":
             return model.preprocessor.resample_segmentation(mask[pre.nonzero_region].astype(np.uint8),
                                                             pre.original_spacing_zyx, pre.grid_shape_zyx) > 0
-        return model.preprocessor.resample_mask_window(mask, pre) > 0.5
+        return model.preprocessor.resample_mask_window(mask, pre)
 
 
 def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
