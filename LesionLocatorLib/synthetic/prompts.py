@@ -1,7 +1,7 @@
 """Prompt simulation, matching what users give at inference. All indices are voxel (z, y, x) of the mask's grid.
 
 - point: a voxel anywhere in the lesion's core (not only its centre),
-- box: the mask's half-open bounding box with each face moved by a few voxels,
+- box: the mask's half-open bounding box with each face moved by a few voxels (inwards: at most 1/4 extent),
 - previous mask: the lesion as registration would bring it from an earlier scan: rescaled (growth), smoothly
   deformed, shifted, eroded or dilated.
 """
@@ -48,12 +48,14 @@ def sample_point_prompt(mask: np.ndarray, rng: np.random.Generator, spacing_zyx=
 
 def jittered_box(mask: np.ndarray, rng: np.random.Generator, max_jitter_voxels: int = 3
                  ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """The mask's half-open bounding box, each face moved independently by up to `max_jitter_voxels`, clipped to
-    the grid and never empty."""
+    """The mask's half-open bounding box, each face moved independently by up to `max_jitter_voxels`: outwards
+    freely, inwards by at most a quarter of the lesion's extent (a user's box never cuts away most of a small
+    lesion). Clipped to the grid, never empty."""
     lo, hi = (np.asarray(b) for b in bounding_box(mask))
     shape = np.asarray(mask.shape)
-    lo = np.clip(lo + rng.integers(-max_jitter_voxels, max_jitter_voxels + 1, size=3), 0, shape - 1)
-    hi = np.clip(hi + rng.integers(-max_jitter_voxels, max_jitter_voxels + 1, size=3), 1, shape)
+    inward = np.minimum(max_jitter_voxels, (hi - lo - 1) // 4)
+    lo = np.clip(lo + rng.integers(-max_jitter_voxels, inward + 1), 0, shape - 1)
+    hi = np.clip(hi - rng.integers(-max_jitter_voxels, inward + 1), 1, shape)
     hi = np.maximum(hi, lo + 1)
     return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
