@@ -137,8 +137,8 @@ class Tracker:
     """Tracks lesions from a baseline through any number of follow-ups (official-format model root)."""
 
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
-                 use_tta: bool | None = None, registration: str = "auto", segmenter: Segmenter | None = None,
-                 segmentation_mode: str = "roi"):
+                 use_tta: bool | None = None, registration: str | Registration = "auto",
+                 segmenter: Segmenter | None = None, segmentation_mode: str = "roi"):
         check_preset(preset)
         self.model_root = Path(model_root)
         self.device = resolve_device(device)
@@ -146,12 +146,9 @@ class Tracker:
         folder = resolve_task_folder(self.model_root, "track")
         self.model = load_checkpoint_folder(folder, choose_folds(folder, preset, folds))
         self.preprocessor = Preprocessor(self.model)
-        self.registration_name = self._registration_name(registration)
         settings = PredictionSettings(self.device, use_tta=False, mirror_axes=())
-        self.folds = [
-            TrackFold(self.model, weights, make_registration(self.registration_name, weights, self.device), settings)
-            for weights in self.model.fold_weights.values()
-        ]
+        self.folds = [TrackFold(self.model, weights, self._registration_for(registration, weights), settings)
+                      for weights in self.model.fold_weights.values()]
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
                                                 use_tta=use_tta, mode=segmentation_mode)
         self._scans: dict[str, TrackScan] = {}
@@ -162,13 +159,18 @@ class Tracker:
     def from_folder(cls, model_root: str | Path, **options) -> "Tracker":
         return cls(model_root, **options)
 
-    def _registration_name(self, requested: str) -> str:
-        has_network = any(k.startswith(REGISTRATION_PREFIX) for k in next(iter(self.model.fold_weights.values())))
+    def _registration_for(self, requested: str | Registration, fold_weights: dict) -> Registration:
+        """A given Registration object, or one made by name ('auto': the checkpoint's network if it has one,
+        else what the model's manifest names, else classical)."""
+        if isinstance(requested, Registration):
+            return requested
+        has_network = any(k.startswith(REGISTRATION_PREFIX) for k in fold_weights)
+        name = requested
         if requested == "auto":
-            return "gradicon" if has_network else read_model_manifest(self.model_root).get("registration", "classical")
-        if requested == "gradicon" and not has_network:
+            name = "gradicon" if has_network else read_model_manifest(self.model_root).get("registration", "classical")
+        if name == "gradicon" and not has_network:
             raise CheckpointError(f"{self.model.path} has no registration network; use registration='classical'.")
-        return requested
+        return make_registration(name, fold_weights if has_network else None, self.device)
 
     @property
     def mirror_combinations(self) -> list[tuple[int, ...]]:

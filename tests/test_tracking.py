@@ -1,0 +1,129 @@
+"""Tracker behaviour: shared registrations, not-found lesions, ids, re-prompts, chains, geometry, cancel."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from LesionLocatorLib.errors import Cancelled
+from LesionLocatorLib.image import ImageVolume, read_image
+from LesionLocatorLib.preprocessing import nonzero_bounding_box
+from LesionLocatorLib.prompts import MaskPrompt, PointPrompt
+from LesionLocatorLib.registration.base import Deformation, Registration
+from LesionLocatorLib.tracking import Tracker, flipped_volume, preprocessed_volume
+from golden import FIXTURES, require
+
+TINY = FIXTURES / "tiny"
+TRACK_INPUTS = FIXTURES / "inputs" / "A_trk"
+
+
+class ResizeDeformation(Deformation):
+    """Maps the moving grid onto the fixed grid by stretching (what an identity registration does here)."""
+
+    def __init__(self, fixed_shape, empty: bool):
+        self.fixed_shape, self.empty = fixed_shape, empty
+
+    def warp_mask(self, mask_on_moving):
+        if self.empty:
+            return np.zeros(self.fixed_shape, np.uint8)
+        index = [np.minimum((np.arange(f) * m / f).astype(int), m - 1) for f, m in zip(self.fixed_shape, mask_on_moving.shape)]
+        return mask_on_moving[np.ix_(*index)].astype(np.uint8)
+
+
+class CountingRegistration(Registration):
+    name = "counting"
+
+    def __init__(self, empty: bool = False):
+        self.calls, self.empty = 0, empty
+
+    def register(self, moving, fixed):
+        self.calls += 1
+        return ResizeDeformation(fixed.shape_zyx, self.empty)
+
+
+@pytest.fixture(scope="module")
+def scans() -> list[ImageVolume]:
+    return [read_image(require(TRACK_INPUTS / f"A_trk_{name}.nii.gz")) for name in ("bl", "fu1", "fu2")]
+
+
+def lesion_masks(image: ImageVolume, centres_zyx: dict[int, tuple[int, int, int]], radius: int = 3) -> dict[int, np.ndarray]:
+    z, y, x = np.ogrid[: image.shape_zyx[0], : image.shape_zyx[1], : image.shape_zyx[2]]
+    return {k: ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= radius ** 2).astype(np.uint8)
+            for k, c in centres_zyx.items()}
+
+
+FIVE_LESIONS = {2: (24, 33, 20), 7: (30, 40, 47), 11: (15, 20, 30), 300: (35, 45, 15), 301: (20, 45, 40)}
+
+
+def test_five_lesions_share_one_registration_per_pair(scans):
+    registration = CountingRegistration()
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=registration)
+    masks = lesion_masks(scans[0], FIVE_LESIONS)
+    result = tracker.track(scans, {k: MaskPrompt(m) for k, m in masks.items()})
+    assert registration.calls == 2  # bl->fu1 and fu1->fu2, shared by all five lesions
+    assert result.registrations_computed == 2
+    assert sorted(result.lesions) == sorted(FIVE_LESIONS)  # ids with gaps and > 255 kept at every timepoint
+    for history in result.lesions.values():
+        assert [r.timepoint for r in history] == [0, 1, 2]
+
+
+def test_registration_is_reused_across_calls_and_mirrors_multiply_it(scans):
+    registration = CountingRegistration()
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=True, registration=registration)
+    masks = lesion_masks(scans[0], {1: (24, 33, 20)})
+    tracker.track_step(scans[0], scans[1], masks)
+    tracker.track_step(scans[0], scans[1], lesion_masks(scans[0], {2: (30, 40, 47)}))
+    assert registration.calls == 8  # one per mirror, computed once for both calls
+
+
+def test_empty_warped_mask_is_not_found_and_the_chain_goes_on(scans):
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(empty=True))
+    result = tracker.track(scans[:2], {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])})
+    record = result.lesions[1][1]
+    assert not record.found and record.mask is None and "not found" in record.message
+    assert result.lesions[1][0].found
+
+
+def test_reprompt_at_a_follow_up_and_new_lesion(scans):
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration())
+    baseline = {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])}
+    result = tracker.track(scans, baseline, reprompts={1: {1: PointPrompt((24, 33, 21)), 9: PointPrompt((30, 40, 47))}})
+    assert result.lesions[1][1].source == "prompted" and result.lesions[1][2].source == "tracked"
+    assert [r.source for r in result.lesions[9]] == ["new", "prompted", "tracked"]
+    assert not result.lesions[9][0].found and result.lesions[9][1].found
+
+
+def test_found_lesion_has_volume_and_physical_centre(scans):
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration())
+    masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
+    step = tracker.track_step(scans[0], scans[1], masks)
+    record = step[1]
+    assert record.found and record.mask.shape == scans[1].shape_zyx
+    assert np.isclose(record.volume_ml, record.mask.sum() * 27 / 1000)
+    centre_index = scans[1].lps_to_index_zyx(record.centre_lps)
+    assert np.linalg.norm(centre_index - np.array([24, 33, 20])) < 4
+    assert np.allclose(np.asarray(record.centre_ras), np.asarray(record.centre_lps) * [-1, -1, 1])
+
+
+def test_cancel_stops_tracking(scans):
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration())
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        tracker.track(scans[:2], {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])}, cancel_event=cancel)
+
+
+def test_preprocessed_and_flipped_volumes_keep_physical_positions(scans):
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration())
+    scan = tracker.scan(scans[0])
+    volume = preprocessed_volume(scan.pre, scans[0], slice(0, scan.pre.grid_shape_zyx[0]))
+    # preprocessed voxel i samples original index (i + 0.5) * ratio - 0.5 (+ the non-zero crop start)
+    ratio = 1 / scan.pre.scale_zyx
+    index = np.array([5, 40, 70])
+    original = (index + 0.5) * ratio - 0.5 + [s.start for s in nonzero_bounding_box(scans[0].array)]
+    assert np.allclose(volume.index_zyx_to_lps(index), scans[0].index_zyx_to_lps(original), atol=1e-4)
+    flipped = flipped_volume(volume, (0, 2))
+    z, y, x = volume.shape_zyx
+    assert np.allclose(flipped.index_zyx_to_lps((0, 10, 0)), volume.index_zyx_to_lps((z - 1, 10, x - 1)))
+    assert flipped.array[0, 10, 0] == volume.array[z - 1, 10, x - 1]
