@@ -91,7 +91,10 @@ def find_cases(image_arg: str, prompt_arg: str) -> list[Case]:
     cases, missing = [], []
     for image in sorted(p for p in images.iterdir() if _is_image_file(p)):
         prompt = by_stem.get(image_stem(image))
-        (cases.append(Case(image, prompt)) if prompt else missing.append(image.name))
+        if prompt is None:
+            missing.append(image.name)
+        else:
+            cases.append(Case(image, prompt))
     if missing:
         print(f"No prompt for {', '.join(missing)} in {prompts}: skipped.", file=sys.stderr)
     if not cases:
