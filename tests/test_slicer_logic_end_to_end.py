@@ -74,6 +74,16 @@ def test_two_timepoints_prompt_track_cancel_undo(tinyLogicSettings):
     assert table.rows[0].cells[1].status == segments.TRACKED
 
 
+def test_segmentation_through_the_scene_matches_the_official_output(tinyLogicSettings):
+    """Volume node -> engine -> segment -> array gives what the official code wrote for the same click
+    (run A02: point, fold 0, no TTA; the baseline is the A_ts1 image, direction diag(-1, -1, 1))."""
+    scene = slicer.vtkMRMLScene()
+    (baseline,) = loadTimepoints(scene, ["bl"])
+    lesionId = newLogic(scene, **tinyLogicSettings).segmentLesion(baseline, pointRAS=lesionPointRAS(baseline))
+    official = read_image(FIXTURES / "outputs" / "A02_ts1_point_f0_notta" / "A_ts1_lesion_1.nii.gz").array > 0
+    assert dice(trackedMask(baseline, lesionId), official) > 0.95
+
+
 def test_three_timepoints_find_the_lesion_where_it_really_is(tinyLogicSettings):
     scene = slicer.vtkMRMLScene()
     volumes = loadTimepoints(scene, ["bl", "fu1", "fu2"])

@@ -113,6 +113,13 @@ def test_undo_restores_the_previous_mask_then_the_scene_as_it_was(scene, logic):
     assert logic.undo() is None and not logic.canUndo
 
 
+def test_closing_the_scene_forgets_the_undo_steps(scene, logic):
+    applyMask(logic, addTimepoint(scene, "baseline"), cube((2, 2, 2), (5, 5, 5)))
+    assert logic.canUndo
+    scene.Clear(0)
+    assert not logic.canUndo
+
+
 def test_delete_lesion_removes_it_everywhere_and_undo_brings_it_back(scene, logic):
     baseline, followUp = addTimepoint(scene, "baseline"), addTimepoint(scene, "follow-up")
     applyMask(logic, baseline, cube((2, 2, 2), (5, 5, 5)))

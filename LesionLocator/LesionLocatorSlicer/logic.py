@@ -172,6 +172,12 @@ class LesionTrackingLogic:
         self.engines = EngineCache()
         self._undoSteps: list[UndoStep] = []
         self._cpuWarning: tuple[Any, str] = (None, "")  # (settings it was computed for, text)
+        scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose)
+
+    def _onSceneStartClose(self, caller=None, event=None) -> None:
+        """Undo steps and a running job refer to nodes of the scene being closed: drop them."""
+        self.worker.cancel()
+        self._undoSteps = []
 
     # --- settings ----------------------------------------------------------------------------------------------
     def modelRoot(self) -> Path:
