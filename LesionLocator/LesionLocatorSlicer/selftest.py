@@ -5,6 +5,8 @@ cancelled job leaves the scene unchanged, and undo back to the start. Failures r
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from LesionLocatorLib.errors import Cancelled
@@ -82,8 +84,13 @@ def checkLesionAtEveryTimepoint(logic: LesionTrackingLogic, volumeNodes: list, l
 def checkCancelLeavesSceneUnchanged(logic: LesionTrackingLogic, lesionId: int, followUps: list) -> None:
     before = sceneState(logic.scene)
     outcome = {}
-    job = logic.trackLesion(lesionId, followUps, onDone=lambda value, error: outcome.update(value=value, error=error))
-    job.cancelEvent.set()
+    switchInterval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)  # the engine thread gets the GIL only when this thread waits: after the cancel
+    try:
+        job = logic.trackLesion(lesionId, followUps, onDone=lambda value, error: outcome.update(value=value, error=error))
+        job.cancelEvent.set()
+    finally:
+        sys.setswitchinterval(switchInterval)
     job.finished.wait()
     logic.worker.poll()
     assert isinstance(outcome.get("error"), Cancelled), f"expected a cancelled job, got {outcome}"
