@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from LesionLocatorLib.image import ImageVolume, read_image
+from LesionLocatorLib.registration import RegistrationError
 from LesionLocatorLib.registration.classical import ClassicalRegistration
 
 MS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "open_ms_longitudinal" / "raw"
@@ -111,6 +112,12 @@ def test_points_map_both_ways_consistently():
     assert np.abs(round_trip - points_moving).max() < 0.01
     with pytest.raises(ValueError, match="moving"):
         deformation.warp_mask(lesion[1:])
+
+
+def test_a_blank_scan_is_refused_with_a_clear_error():
+    moving, _ = phantom(shape_zyx=(20, 32, 32))
+    with pytest.raises(RegistrationError, match="fixed \\(later\\) scan is constant"):
+        ClassicalRegistration().register(moving, moving.with_array(np.zeros_like(moving.array)))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from LesionLocatorLib.errors import CheckpointError, LesionLocatorError
-from LesionLocatorLib.registration.base import Deformation, Registration
+from LesionLocatorLib.registration.base import Deformation, Registration, RegistrationError
 
 REGISTRATION_NAMES = ("gradicon", "classical")
 
@@ -45,4 +45,4 @@ def make_registration(
     )
 
 
-__all__ = ["Deformation", "Registration", "REGISTRATION_NAMES", "UnknownRegistrationError", "make_registration"]
+__all__ = ["Deformation", "Registration", "RegistrationError", "REGISTRATION_NAMES", "UnknownRegistrationError", "make_registration"]

@@ -10,7 +10,12 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from LesionLocatorLib.errors import LesionLocatorError
 from LesionLocatorLib.image import ImageVolume
+
+
+class RegistrationError(LesionLocatorError):
+    """Two scans could not be registered."""
 
 
 class Deformation(ABC):

@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LesionLocatorLib.image import ImageVolume
-from LesionLocatorLib.registration.base import Deformation, Registration, check_mask_shape
+from LesionLocatorLib.registration.base import Deformation, Registration, RegistrationError, check_mask_shape
 
 # Fewer voxels than this along an axis of the working image and the metric runs out of samples.
 MIN_WORKING_VOXELS = 24
@@ -96,6 +96,21 @@ class ClassicalRegistration(Registration):
         self.threads = threads
 
     def register(self, moving: ImageVolume, fixed: ImageVolume) -> TransformDeformation:
+        for role, volume in (("moving (earlier)", moving), ("fixed (later)", fixed)):
+            if np.ptp(volume.array) == 0:
+                raise RegistrationError(
+                    f"The {role} scan is constant ({volume.array.flat[0]}); registration needs image content. "
+                    "Check that the right image was loaded."
+                )
+        try:
+            return self._register(moving, fixed)
+        except RuntimeError as error:  # SimpleITK reports optimiser and sampling failures this way
+            raise RegistrationError(
+                f"Classical registration failed ({str(error).strip().splitlines()[-1]}). Check that both scans show "
+                "the same body region, or try the 'gradicon' registration."
+            ) from error
+
+    def _register(self, moving: ImageVolume, fixed: ImageVolume) -> TransformDeformation:
         spacing_mm = max(
             _working_spacing(moving, self.working_spacing_mm), _working_spacing(fixed, self.working_spacing_mm)
         )
@@ -119,7 +134,7 @@ class ClassicalRegistration(Registration):
         method.SetMetricSamplingPercentage(self.sampling_fraction, SAMPLING_SEED)
         method.SetInterpolator(sitk.sitkLinear)
         method.SetShrinkFactorsPerLevel(shrink_factors)
-        method.SetSmoothingSigmasPerLevel([factor / 2.0 for factor in shrink_factors])
+        method.SetSmoothingSigmasPerLevel([factor // 2 for factor in shrink_factors])  # voxels: 2, 1, 0
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
         method.SetOptimizerAsRegularStepGradientDescent(
             learningRate=2.0, minStep=1e-3, numberOfIterations=self.affine_iterations, relaxationFactor=0.6

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import icon_registration as icon
 from icon_registration import networks
-from icon_registration.mermaidlite import compute_warped_image_multiNC
+from icon_registration.mermaidlite import compute_warped_image_multiNC, identity_map_multiN
 
 from LesionLocatorLib.errors import CheckpointError
 from LesionLocatorLib.image import ImageVolume
@@ -37,13 +37,13 @@ class UniGradICONNet(icon.RegistrationModule):
     def forward(self, image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
         """φ_AB sampled on the identity grid, (1, 3, *shape) in [0, 1] coordinates; A warped by it ≈ B."""
         # The tag makes FunctionFromVectorField add its displacement directly instead of resampling it (icon's
-        # shortcut); GradientICONSparse sets it the same way, so the result is bit-identical to the official one.
+        # shortcut); GradientICONSparse sets it the same way, so φ_AB equals the official one.
         self.identity_map.isIdentity = True
         return self.regis_net(image_a, image_b)(self.identity_map)
 
 
 def build_unigradicon(input_shape_zyx: tuple[int, int, int] = NETWORK_SHAPE_ZYX) -> UniGradICONNet:
-    """uniGradICON: two ×2-downsampled steps, a full-resolution step and the full-resolution 'last step'."""
+    """uniGradICON: tallUNet2 steps at 1/4, 1/2 and full resolution, then the full-resolution 'last step'."""
     inner: icon.RegistrationModule = icon.FunctionFromVectorField(networks.tallUNet2(dimension=3))
     for _ in range(2):
         inner = icon.TwoStepRegistration(
@@ -70,7 +70,7 @@ class GradICONDeformation(Deformation):
 
     def displacement_voxels(self) -> np.ndarray:
         """φ_AB − identity as (3, *grid) float32 in network-grid voxels; channel i is along axis i (z, y, x)."""
-        identity = icon.mermaidlite.identity_map_multiN([1, 1, *self.grid_shape_zyx], self._grid_spacing())
+        identity = identity_map_multiN([1, 1, *self.grid_shape_zyx], self._grid_spacing())
         voxels_per_unit = np.array(self.grid_shape_zyx, dtype=np.float32) - 1
         displacement = self.phi_ab[0].cpu().numpy() - identity[0]
         return (displacement * voxels_per_unit[:, None, None, None]).astype(np.float32)
