@@ -95,12 +95,11 @@ def test_batches_have_network_layout(tiny_samples):
 def test_tiny_training_reduces_loss_and_writes_a_loadable_model(tiny_samples, tmp_path):
     (tmp_path / "cache").mkdir()
     save_sample(tmp_path / "cache", 0, tiny_samples[0])
-    paths = cached_sample_paths(tmp_path / "cache")
-    assert load_sample(paths[0]).target.sum() == tiny_samples[0].target.sum()
-    options = TrainingOptions(steps=30, learning_rate=1e-2, warmup_steps=1, log_every=1, checkpoint_every=10, seed=0,
+    assert load_sample(cached_sample_paths(tmp_path / "cache")[0]).target.sum() == tiny_samples[0].target.sum()
+    options = TrainingOptions(steps=20, learning_rate=1e-2, warmup_steps=1, log_every=1, checkpoint_every=10, seed=0,
                               device="cpu", prompt_mix=(0.0, 1.0, 0.0))
-    network, state = train(TINY, options, paths, tmp_path / "work", progress=None)
-    assert state.step == 30 and len(state.losses) == 30
+    network, state = train(TINY, options, tmp_path / "cache", tmp_path / "work", progress=None)
+    assert state.step == 20 and len(state.losses) == 20
     assert np.mean(state.losses[-5:]) < 0.8 * np.mean(state.losses[:5])
 
     root = export_model(network, TINY, tmp_path / "model", state)
@@ -117,12 +116,16 @@ def test_tiny_training_reduces_loss_and_writes_a_loadable_model(tiny_samples, tm
 def test_resume_continues_from_the_latest_checkpoint(tiny_samples, tmp_path):
     (tmp_path / "cache").mkdir()
     save_sample(tmp_path / "cache", 0, tiny_samples[0])
-    paths = cached_sample_paths(tmp_path / "cache")
-    first = TrainingOptions(steps=6, time_limit_s=0.0, device="cpu", checkpoint_every=2)
-    _, state = train(TINY, first, paths, tmp_path / "work", progress=None)
+    stopped = TrainingOptions(steps=6, time_limit_s=0.0, device="cpu")
+    _, state = train(TINY, stopped, tmp_path / "cache", tmp_path / "work", progress=None)
     assert state.step == 0  # the time limit stopped it before the first step, leaving a checkpoint
-    _, state = train(TINY, TrainingOptions(steps=6, device="cpu"), paths, tmp_path / "work", resume=True, progress=None)
-    assert state.step == 6
+    _, state = train(TINY, TrainingOptions(steps=3, log_every=1, device="cpu"), tmp_path / "cache", tmp_path / "work",
+                     resume=True, progress=None)
+    assert state.step == 3
+    steps_run = []
+    _, state = train(TINY, TrainingOptions(steps=6, log_every=1, device="cpu"), tmp_path / "cache", tmp_path / "work",
+                     resume=True, progress=lambda step, *_: steps_run.append(step))
+    assert steps_run == [4, 5, 6] and state.step == 6 and len(state.losses) == 6
 
 
 @pytest.mark.skipif(not (BUNDLED / MODEL_MANIFEST).is_file(), reason="bundled Lite model not trained yet")

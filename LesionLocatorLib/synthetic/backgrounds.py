@@ -42,7 +42,8 @@ REAL_BACKGROUNDS = {
     "brain_atlas_ct": BackgroundSource("head_ct/ct_brain_atlas_1mm.nii.gz", "CT", "head"),
     "abdomen_mr": BackgroundSource("totalsegmentator_examples/example_mr_sm.nii.gz", "MR", "body"),
     **{
-        f"ms_flair_{patient}": BackgroundSource(f"open_ms_longitudinal/raw/patient{patient}/study1_FLAIR.nii.gz", "MR", "head")
+        f"ms_flair_{patient}": BackgroundSource(f"open_ms_longitudinal/raw/patient{patient}/study1_FLAIR.nii.gz",
+                                                "MR", "head")
         for patient in ("01", "03", "12", "19")
     },
 }

@@ -158,7 +158,8 @@ def random_rotation_matrix(rng: np.random.Generator, max_degrees: float) -> np.n
 
 
 def random_smooth_displacement(rng: np.random.Generator, max_amplitude_mm: float,
-                               wavelength_range_mm: tuple[float, float] = (80.0, 200.0), modes: int = 8) -> SmoothDisplacement:
+                               wavelength_range_mm: tuple[float, float] = (80.0, 200.0),
+                               modes: int = 8) -> SmoothDisplacement:
     """Elastic anatomy-like deformation: ~`max_amplitude_mm` at most, gradient kept below MAX_DISPLACEMENT_GRADIENT."""
     field_ = random_fourier_field(rng, 1.0, wavelength_range_mm, modes=modes, channels=3)
     field_ = field_.scaled(max_amplitude_mm / max(field_.amplitude_bound(), 1e-12))

@@ -208,7 +208,7 @@ def render_lesion(lesion: SyntheticLesion, grid: ImageVolume, region: Region | N
         region = lesion_region(grid, lesion.center_lps, lesion.shape.extent_mm)
         if region is None:
             return None
-    identity = (lambda points: points) if pull is None else pull
+    to_lesion_space = (lambda points: points) if pull is None else pull
     starts = np.array([s.start for s in region], float)
     shape = tuple(s.stop - s.start for s in region)
     index = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
@@ -216,7 +216,8 @@ def render_lesion(lesion: SyntheticLesion, grid: ImageVolume, region: Region | N
     depth, weight, values = (np.empty(len(index)) for _ in range(3))
     for start in range(0, len(index), _EVALUATION_CHUNK):
         chunk = slice(start, start + _EVALUATION_CHUNK)
-        depth[chunk], weight[chunk], values[chunk] = _evaluate(lesion, identity(grid.index_zyx_to_lps(index[chunk])))
+        points = to_lesion_space(grid.index_zyx_to_lps(index[chunk]))
+        depth[chunk], weight[chunk], values[chunk] = _evaluate(lesion, points)
     counts = subsample_counts(grid.spacing_zyx) if supersample else (1, 1, 1)
     if max(counts) > 1:
         # partial volume only matters within a few voxel diagonals of the surface (3: margin for deformations)
@@ -227,7 +228,7 @@ def render_lesion(lesion: SyntheticLesion, grid: ImageVolume, region: Region | N
         for start in range(0, len(near), per_chunk):
             voxels = near[start:start + per_chunk]
             samples = (index[voxels][:, None, :] + offsets[None]).reshape(-1, 3)
-            _, w, v = _evaluate(lesion, identity(grid.index_zyx_to_lps(samples)))
+            _, w, v = _evaluate(lesion, to_lesion_space(grid.index_zyx_to_lps(samples)))
             w, v = w.reshape(-1, len(offsets)), v.reshape(-1, len(offsets))
             weight[voxels] = w.mean(axis=1)
             values[voxels] = np.divide((w * v).sum(axis=1), w.sum(axis=1), out=np.zeros(len(voxels)),

@@ -34,14 +34,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--resume", action="store_true", help="continue from <work-dir>/checkpoint_latest.pth")
     parser.add_argument("--time-limit-min", type=float, help="stop training after this many minutes (resumable)")
-    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), default=list(LiteModelConfig.patch_size_zyx))
-    parser.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=list(LiteModelConfig.spacing_zyx))
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        default=list(LiteModelConfig.patch_size_zyx), help="patch in voxels (z y x)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                        default=list(LiteModelConfig.spacing_zyx), help="target spacing in mm (z y x)")
     parser.add_argument("--features", type=int, nargs="+", default=list(LiteModelConfig.features_per_stage))
     parser.add_argument("--blocks", type=int, nargs="+", default=list(LiteModelConfig.blocks_per_stage))
     parser.add_argument("--backgrounds", nargs="+", metavar="NAME=WEIGHT",
                         default=[f"{k}={v}" for k, v in TRAINING_BACKGROUNDS.items()],
                         help="training backgrounds (real scan names or body_phantom/head_phantom) with weights")
-    parser.add_argument("--data-root", type=Path, help="shared data folder (default: $LESIONLOCATOR_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--data-root", type=Path,
+                        help="shared data folder (default: $LESIONLOCATOR_SHARED_DATA or ../shared/data)")
     parser.add_argument("--validation-seed", type=int, default=1234)
     parser.add_argument("--validation-cases", type=int, default=2, help="validation cases per held-out background")
     parser.add_argument("--no-validate", action="store_true", help="skip the held-out validation after training")
@@ -85,12 +88,11 @@ def run(args: argparse.Namespace) -> int:
                                     _background_weights(args.backgrounds), args.data_root)
         fill_cache(cache, args.cache_size, generator, _cache_progress)
         sys.stderr.write("\n")
-    paths = cached_sample_paths(cache)[: args.cache_size]
     options = TrainingOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                               device=args.device, threads=args.threads,
                               time_limit_s=None if args.time_limit_min is None else 60 * args.time_limit_min)
     try:
-        network, state = train(config, options, paths, work_dir, resume=args.resume)
+        network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint in {work_dir} resumes with --resume", file=sys.stderr)
         return 130

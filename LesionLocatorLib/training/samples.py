@@ -167,9 +167,9 @@ def simulate_dense_prompt(target: np.ndarray, kind: str, rng: np.random.Generato
         return dense_point(sample_point_prompt(target, rng, spacing_zyx), target.shape)
     if kind == "box":
         lo, hi = jittered_box(target, rng, max_jitter_voxels=2)
-        shape = np.asarray(target.shape)
-        return dense_box(np.maximum(np.asarray(lo) - BOX_MARGIN_VOXELS, 0), np.minimum(np.asarray(hi) + BOX_MARGIN_VOXELS, shape),
-                         target.shape)
+        lo = np.maximum(np.asarray(lo) - BOX_MARGIN_VOXELS, 0)
+        hi = np.minimum(np.asarray(hi) + BOX_MARGIN_VOXELS, target.shape)
+        return dense_box(lo, hi, target.shape)
     if kind == "mask":
         return simulate_previous_mask(target, rng, spacing_zyx).astype(np.float32)
     raise ValueError(f"Unknown prompt kind '{kind}'; use one of {PROMPT_KINDS}.")

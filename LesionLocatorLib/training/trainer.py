@@ -20,7 +20,7 @@ from ..checkpoint import load_checkpoint_file
 from ..errors import LesionLocatorError
 from ..prediction import resolve_device
 from .plans import LiteModelConfig, build_lite_network, write_model_root
-from .samples import DEFAULT_PROMPT_MIX, TrainingSample, load_sample, make_batch
+from .samples import DEFAULT_PROMPT_MIX, TrainingSample, cached_sample_paths, load_sample, make_batch
 
 LATEST = "checkpoint_latest.pth"
 
@@ -66,15 +66,21 @@ def poly_learning_rate(step: int, options: TrainingOptions) -> float:
 
 
 class SamplePool:
-    """A random subset of the cached samples in memory, one member replaced every few steps."""
+    """A random subset of the cached samples in memory; one member is replaced every few steps, and the cache
+    folder is re-read now and then, so training can start while samples are still being generated."""
 
-    def __init__(self, paths: list[Path], size: int, rng: np.random.Generator):
-        if not paths:
-            raise LesionLocatorError("The training sample cache is empty; generate samples first (--cache-size > 0).")
-        self.paths = paths
+    def __init__(self, cache: Path, size: int, rng: np.random.Generator, max_samples: int | None = None):
+        self.cache = Path(cache)
+        self.max_samples = max_samples
         self.rng = rng
-        chosen = rng.choice(len(paths), size=min(size, len(paths)), replace=False)
-        self.samples: list[TrainingSample] = [load_sample(paths[i]) for i in chosen]
+        self.rescan()
+        if not self.paths:
+            raise LesionLocatorError(f"The training sample cache {self.cache} is empty; generate samples first.")
+        chosen = rng.choice(len(self.paths), size=min(size, len(self.paths)), replace=False)
+        self.samples: list[TrainingSample] = [load_sample(self.paths[i]) for i in chosen]
+
+    def rescan(self) -> None:
+        self.paths = cached_sample_paths(self.cache)[: self.max_samples]
 
     def draw(self, count: int) -> list[TrainingSample]:
         return [self.samples[i] for i in self.rng.integers(len(self.samples), size=count)]
@@ -101,7 +107,8 @@ def _save_latest(work_dir: Path, network, optimizer, state: TrainingState, rng: 
 
 def _load_latest(work_dir: Path, network, optimizer, rng: np.random.Generator, config: LiteModelConfig) -> TrainingState:
     checkpoint = load_checkpoint_file(work_dir / LATEST)
-    saved = LiteModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(checkpoint["config"]).items()})
+    fields_ = json.loads(checkpoint["config"])
+    saved = LiteModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()})
     if saved != config:
         raise LesionLocatorError(f"{work_dir / LATEST} was trained with another model configuration ({saved}); "
                                  "use the same options or another --work-dir.")
@@ -121,10 +128,11 @@ def progress_bar(step: int, total: int, loss: float, seconds_per_step: float) ->
     sys.stderr.flush()
 
 
-def train(config: LiteModelConfig, options: TrainingOptions, sample_paths: list[Path], work_dir: str | Path,
+def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, work_dir: str | Path,
           resume: bool = False, progress: Callable[[int, int, float, float], None] | None = progress_bar,
-          ) -> tuple[torch.nn.Module, TrainingState]:
-    """Train (or continue) the Lite network on cached samples; returns the network and the state reached."""
+          max_samples: int | None = None) -> tuple[torch.nn.Module, TrainingState]:
+    """Train (or continue) the Lite network on the samples cached in `cache` (the first `max_samples`);
+    returns the network and the state reached."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(options.threads)
@@ -138,7 +146,7 @@ def train(config: LiteModelConfig, options: TrainingOptions, sample_paths: list[
         if not (work_dir / LATEST).is_file():
             raise LesionLocatorError(f"Nothing to resume: {work_dir / LATEST} does not exist.")
         state = _load_latest(work_dir, network, optimizer, rng, config)
-    pool = SamplePool(sample_paths, options.samples_in_memory, rng)
+    pool = SamplePool(Path(cache), options.samples_in_memory, rng, max_samples)
     network.train()
     started, first_step = time.time(), state.step
     interval_losses: list[float] = []
@@ -157,6 +165,8 @@ def train(config: LiteModelConfig, options: TrainingOptions, sample_paths: list[
         state.step += 1
         if state.step % 4 == 0:
             pool.refresh_one()
+        if state.step % 100 == 0:
+            pool.rescan()
         if state.step % options.log_every == 0 or state.step == options.steps:
             state.losses.append(float(np.mean(interval_losses)))
             interval_losses = []

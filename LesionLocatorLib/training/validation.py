@@ -44,16 +44,16 @@ def _prompts(case: ValidationCase, kind: str) -> dict:
     if kind == "point":
         return {k: PointPrompt(tuple(float(v) for v in p)) for k, p in case.points_zyx.items()}
     if kind == "box":
-        return {k: BoxPrompt(tuple(float(v) for v in lo), tuple(float(v) for v in hi)) for k, (lo, hi) in case.boxes_zyx.items()}
+        return {k: BoxPrompt(tuple(map(float, lo)), tuple(map(float, hi))) for k, (lo, hi) in case.boxes_zyx.items()}
     raise ValueError(f"Unknown prompt kind '{kind}'; use 'point' or 'box'.")
 
 
 def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase], prompt_kinds=("point", "box"),
-                          device: str = "cpu", progress: Progress | None = None) -> list[LesionScore]:
-    """Dice per lesion and prompt kind with the engine's Segmenter (preset 'fast': one fold, no TTA, roi mode)."""
+                          device: str = "cpu", mode: str = "roi", progress: Progress | None = None) -> list[LesionScore]:
+    """Dice per lesion and prompt kind with the engine's Segmenter (preset 'fast': one fold, no TTA)."""
     from ..segmentation import Segmenter
 
-    segmenter = Segmenter(model_root, device=device, preset="fast")
+    segmenter = Segmenter(model_root, device=device, preset="fast", mode=mode)
     scores = []
     for number, validation_case in enumerate(cases):
         case = validation_case.case
