@@ -80,7 +80,8 @@ def main() -> int:
             if label.endswith("seconds"):
                 continue
             seconds = result.get(f"{label} seconds", float("nan"))
-            print(f"{folder.name:8} {label:14} {len(errors):3d} {errors.mean():8.2f} {errors.max():8.2f} {seconds:8.1f}")
+            summary = f"{len(errors):3d} {errors.mean():8.2f} {errors.max():8.2f} {seconds:8.1f}"
+            print(f"{folder.name:8} {label:14} {summary}")
     return 0
 
 

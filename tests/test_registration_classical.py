@@ -35,7 +35,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def phantom(shape_zyx=(40, 96, 96), spacing_xyz=MOVING_SPACING_XYZ) -> tuple[ImageVolume, np.ndarray]:
     """A textured ellipsoidal 'body' with two organs and a 12 mm lesion (returned as a mask), centred at 0."""
     rng = np.random.default_rng(0)
-    z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape_zyx, spacing_xyz[::-1])], indexing="ij")
+    axes_mm = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape_zyx, spacing_xyz[::-1])]
+    z, y, x = np.meshgrid(*axes_mm, indexing="ij")
     texture = ndimage.gaussian_filter(rng.normal(size=shape_zyx), sigma=[6 / s for s in spacing_xyz[::-1]])
     body = (x / 100) ** 2 + (y / 80) ** 2 + (z / 70) ** 2 < 1
     image = np.where(body, 1.0 + 0.3 * texture / texture.std(), 0.0)
@@ -105,7 +106,8 @@ def test_a_flipped_copy_with_compensating_geometry_needs_no_motion():
 def test_points_map_both_ways_consistently():
     moving, lesion = phantom()
     grid = fixed_grid()
-    fixed = ImageVolume.from_sitk(sitk.Resample(moving.to_sitk(), grid, known_transform(moving, 3.0), sitk.sitkLinear, 0.0))
+    truth = known_transform(moving, deformation_mm=3.0)
+    fixed = ImageVolume.from_sitk(sitk.Resample(moving.to_sitk(), grid, truth, sitk.sitkLinear, 0.0))
     deformation = ClassicalRegistration(affine_iterations=30, demons_iterations=10).register(moving, fixed)
     points_moving = moving.index_zyx_to_lps(np.argwhere(lesion)[::50])
     round_trip = deformation.fixed_points_to_moving(deformation.moving_points_to_fixed(points_moving))

@@ -20,7 +20,7 @@ from LesionLocatorLib.errors import CheckpointError
 from LesionLocatorLib.image import ImageVolume
 from LesionLocatorLib.registration import UnknownRegistrationError, make_registration
 from LesionLocatorLib.registration.classical import ClassicalRegistration
-from LesionLocatorLib.registration.gradicon import GradICONRegistration, build_unigradicon
+from LesionLocatorLib.registration.gradicon import GradICONRegistration
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 TRACK = FIXTURES / "tiny" / "LesionLocatorTrack"
@@ -54,20 +54,22 @@ def track_preprocessed(image_path: Path, labels_path: Path | None = None) -> tup
     statistics = plans["foreground_intensity_properties_per_channel"]["0"]
     image = sitk.ReadImage(str(require(image_path)))
     data = sitk.GetArrayFromImage(image).astype(np.float32)[None]
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(require(labels_path))))[None].astype(np.int16) if labels_path else None
+    labels = None
+    if labels_path is not None:
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(require(labels_path))))[None].astype(np.int16)
     spacing_zyx = list(image.GetSpacing())[::-1]
-    data, labels, _ = crop_to_nonzero(data, labels)
+    data, cropped_labels, _ = crop_to_nonzero(data, labels)  # without labels it returns the non-zero mask
     shape = compute_new_shape(data.shape[1:], spacing_zyx, configuration["spacing"])
     data = np.clip(data, statistics["percentile_00_5"], statistics["percentile_99_5"])
     data = (data - statistics["mean"]) / statistics["std"]
     data = resample_data_or_seg_to_shape(
         data, shape, spacing_zyx, configuration["spacing"], **configuration["resampling_fn_data_kwargs"]
     )
-    if labels_path is not None:
+    if labels is not None:
         labels = resample_data_or_seg_to_shape(
-            labels, shape, spacing_zyx, configuration["spacing"], **configuration["resampling_fn_seg_kwargs"]
+            cropped_labels, shape, spacing_zyx, configuration["spacing"], **configuration["resampling_fn_seg_kwargs"]
         )[0]
-    return data[0].astype(np.float32), labels if labels_path else None
+    return data[0].astype(np.float32), labels
 
 
 def intermediates(run_id: str) -> tuple[dict, dict[str, np.ndarray]]:

@@ -45,4 +45,7 @@ def make_registration(
     )
 
 
-__all__ = ["Deformation", "Registration", "RegistrationError", "REGISTRATION_NAMES", "UnknownRegistrationError", "make_registration"]
+__all__ = [
+    "Deformation", "Registration", "RegistrationError", "REGISTRATION_NAMES", "UnknownRegistrationError",
+    "make_registration",
+]

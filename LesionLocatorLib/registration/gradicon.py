@@ -104,7 +104,8 @@ class GradICONRegistration(Registration):
         self.input_shape_zyx = tuple(int(n) for n in input_shape)
         if len(self.input_shape_zyx) != 3 or min(self.input_shape_zyx) < MIN_NETWORK_SIZE:
             raise ValueError(
-                f"input_shape must be 3 sizes of at least {MIN_NETWORK_SIZE}; got {input_shape} (the official grid is 175³)."
+                f"input_shape must be 3 sizes of at least {MIN_NETWORK_SIZE}; got {input_shape} "
+                "(the official grid is 175³)."
             )
         self.network = build_unigradicon(self.input_shape_zyx)
         try:
