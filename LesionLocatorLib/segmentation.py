@@ -176,24 +176,8 @@ class Segmenter:
 
     # --- prompt geometry ---------------------------------------------------------------------------------------
     def roi_for(self, prompt: Prompt, image: ImageVolume, model: SegmentationModel) -> Region:
-        """Original-voxel region that contains every patch the prompt can need, plus resampling context."""
         lo, hi = prompt_extent_zyx(prompt)
-        spacing = np.asarray(image.spacing_zyx)
-        target = np.asarray(model.preprocessor.target_spacing_zyx)
-        patch_original = np.asarray(model.patch_size_zyx) * target / spacing
-        margin = ROI_MARGIN_TARGET_VOXELS * target / spacing + ROI_MARGIN_ORIGINAL_VOXELS
-        extent = hi - lo
-        # a prompt larger than the patch is covered by tiles reaching up to one patch beyond it
-        half = np.where(extent * spacing / target + 2 > model.patch_size_zyx, extent / 2 + patch_original,
-                        patch_original / 2) + margin
-        centre = (lo + hi) / 2
-        start = np.floor(centre - half).astype(int)
-        stop = np.ceil(centre + half).astype(int) + 1
-        shape = np.asarray(image.shape_zyx)
-        # keep the full window size where the image allows it, so a clamped patch sees the same border as official
-        shift = np.maximum(0, -start) - np.maximum(0, stop - shape)
-        start, stop = np.clip(start + shift, 0, shape), np.clip(stop + shift, 0, shape)
-        return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        return prompt_window(lo, hi, image, model.patch_size_zyx, model.preprocessor.target_spacing_zyx)
 
     def dense_prompt(self, prompt: Prompt, pre: PreprocessedImage, model: SegmentationModel, task: str) -> np.ndarray:
         """The prompt channel on the preprocessed window, mapped as the official code maps it on the whole grid."""
@@ -220,6 +204,27 @@ class Segmenter:
             return model.preprocessor.resample_segmentation(mask[pre.nonzero_region].astype(np.uint8),
                                                             pre.original_spacing_zyx, pre.grid_shape_zyx) > 0
         return model.preprocessor.resample_mask_window(mask, pre)
+
+
+def prompt_window(lo_zyx: np.ndarray, hi_zyx: np.ndarray, image: ImageVolume, patch_size_zyx,
+                  target_spacing_zyx) -> Region:
+    """Original-voxel region that contains every patch a prompt spanning [lo, hi] can need, plus resampling context."""
+    spacing = np.asarray(image.spacing_zyx)
+    target = np.asarray(target_spacing_zyx)
+    patch = np.asarray(patch_size_zyx)
+    patch_original = patch * target / spacing
+    margin = ROI_MARGIN_TARGET_VOXELS * target / spacing + ROI_MARGIN_ORIGINAL_VOXELS
+    extent = hi_zyx - lo_zyx
+    # a prompt larger than the patch is covered by tiles reaching up to one patch beyond it
+    half = np.where(extent * spacing / target + 2 > patch, extent / 2 + patch_original, patch_original / 2) + margin
+    centre = (lo_zyx + hi_zyx) / 2
+    start = np.floor(centre - half).astype(int)
+    stop = np.ceil(centre + half).astype(int) + 1
+    shape = np.asarray(image.shape_zyx)
+    # keep the full window size where the image allows it, so a clamped patch sees the same border as official
+    shift = np.maximum(0, -start) - np.maximum(0, stop - shape)
+    start, stop = np.clip(start + shift, 0, shape), np.clip(stop + shift, 0, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
 
 
 def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:

@@ -28,11 +28,12 @@ from .prompts import MaskPrompt, Prompt
 from .registration import make_registration
 from .registration.base import Deformation, Registration
 from .registration.zalign import z_alignment_windows
-from .segmentation import PRESETS, Segmenter, check_preset, choose_folds
+from .segmentation import PRESETS, Segmenter, check_preset, choose_folds, prompt_window
 
 Progress = Callable[[float, str], None]
 # Logit difference outside the U-Net patch: the official tracker fills (background 1, foreground 0) there.
 OUTSIDE_FG_MINUS_BG = -1.0
+TRACKING_MODES = ("auto", "exact", "roi")
 UNET_PREFIX = "unet."
 REGISTRATION_PREFIX = "reg_net."
 
@@ -79,6 +80,11 @@ def lesion_record(lesion_id: int, timepoint: int, image: ImageVolume, mask: np.n
     return LesionAtTimepoint(lesion_id, timepoint, True, mask.astype(np.uint8), volume_ml,
                              tuple(image.index_zyx_to_lps(centre_zyx)), tuple(image.index_zyx_to_ras(centre_zyx)),
                              source, message)
+
+
+def image_index_to_window(index_zyx, pre: PreprocessedImage) -> np.ndarray:
+    """Original (z, y, x) index -> continuous index in a preprocessed window (nnU-Net's shape-ratio mapping)."""
+    return (np.asarray(index_zyx, float) - pre.nonzero_start_zyx) * pre.scale_zyx - pre.window_start_zyx
 
 
 def fingerprint(image: ImageVolume) -> str:
@@ -138,17 +144,23 @@ class Tracker:
 
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, registration: str | Registration = "auto",
-                 segmenter: Segmenter | None = None, segmentation_mode: str = "roi"):
+                 segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto"):
         check_preset(preset)
+        if mode not in TRACKING_MODES:
+            raise LesionLocatorError(f"Unknown tracking mode '{mode}'; use one of {TRACKING_MODES}.")
         self.model_root = Path(model_root)
         self.device = resolve_device(device)
         self.use_tta = PRESETS[preset]["use_tta"] if use_tta is None else bool(use_tta)
         folder = resolve_task_folder(self.model_root, "track")
         self.model = load_checkpoint_folder(folder, choose_folds(folder, preset, folds))
         self.preprocessor = Preprocessor(self.model)
-        settings = PredictionSettings(self.device, use_tta=False, mirror_axes=())
-        self.folds = [TrackFold(self.model, weights, self._registration_for(registration, weights), settings)
-                      for weights in self.model.fold_weights.values()]
+        registrations = [self._registration_for(registration, w) for w in self.model.fold_weights.values()]
+        # exact: the official pipeline (scans stretched to the network grid, mirrored registrations); roi: a
+        # geometry-aware registration on the original scans and the U-Net on a window around the warped lesion
+        self.mode = mode if mode != "auto" else ("exact" if registrations[0].name == "gradicon" else "roi")
+        settings = PredictionSettings(self.device, use_tta=self.use_tta and self.mode == "roi", mirror_axes=(0, 1, 2))
+        self.folds = [TrackFold(self.model, weights, reg, settings)
+                      for weights, reg in zip(self.model.fold_weights.values(), registrations)]
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
                                                 use_tta=use_tta, mode=segmentation_mode)
         self._scans: dict[str, TrackScan] = {}
@@ -174,8 +186,9 @@ class Tracker:
 
     @property
     def mirror_combinations(self) -> list[tuple[int, ...]]:
-        """The official tracking TTA: every subset of the three spatial axes (8 passes), whatever the checkpoint says."""
-        if not self.use_tta:
+        """The official tracking TTA: every subset of the three spatial axes (8 passes, each registered), whatever
+        the checkpoint says. In roi mode mirroring happens inside the U-Net patch only."""
+        if not self.use_tta or self.mode == "roi":
             return [()]
         return [c for n in range(4) for c in itertools.combinations((0, 1, 2), n)]
 
@@ -208,6 +221,8 @@ class Tracker:
         for lesion_id, mask in masks.items():
             if tuple(mask.shape) != earlier.shape_zyx:
                 raise PromptError(f"Lesion {lesion_id}: mask shape {mask.shape} is not the earlier scan's {earlier.shape_zyx}.")
+        if self.mode == "roi":
+            return self._track_step_roi(earlier, later, masks, report, cancel_event, timepoint)
         report(0.0, "preprocessing")
         scan0, scan1 = self.scan(earlier), self.scan(later)
         check_cancel(cancel_event)
@@ -243,6 +258,55 @@ class Tracker:
                                                "" if np.any(mask) else "not found: the model saw no lesion where it moved to")
         report(1.0, "done")
         return results
+
+    def _track_step_roi(self, earlier: ImageVolume, later: ImageVolume, masks: dict[int, np.ndarray], report,
+                        cancel_event, timepoint: int) -> dict[int, LesionAtTimepoint]:
+        """Register the original scans (once per pair), warp each mask onto the later scan, then segment it there
+        with the U-Net on a window around the warped mask: nothing is resampled beyond that window."""
+        report(0.0, "registering")
+        key = (fingerprint(earlier), fingerprint(later), "roi")
+        if key not in self._deformations:
+            self._deformations[key] = self.folds[0].registration.register(earlier, later)
+            self.registrations_computed += 1
+        deformation = self._deformations[key]
+        results = {}
+        for number, (lesion_id, mask) in enumerate(masks.items()):
+            check_cancel(cancel_event)
+            report(0.5 + 0.5 * number / len(masks), f"lesion {lesion_id}")
+            warped = deformation.warp_mask(np.asarray(mask > 0, np.uint8))
+            if not np.any(warped):
+                results[lesion_id] = lesion_record(lesion_id, timepoint, later, None, "tracked",
+                                                   "not found: the registration moved the lesion out of the scan")
+                continue
+            found = self._segment_around(later, warped, cancel_event)
+            results[lesion_id] = lesion_record(lesion_id, timepoint, later, found, "tracked",
+                                               "" if np.any(found) else "not found: the model saw no lesion where it moved to")
+        report(1.0, "done")
+        return results
+
+    def _segment_around(self, image: ImageVolume, warped: np.ndarray, cancel_event) -> np.ndarray:
+        """The U-Net with the warped mask as prompt, one patch centred on it, on a preprocessed window only."""
+        coords = np.argwhere(warped)
+        region = prompt_window(coords.min(axis=0).astype(float), coords.max(axis=0) + 1.0, image,
+                               self.folds[0].patch_size_zyx, self.preprocessor.target_spacing_zyx)
+        pre = self.preprocessor.preprocess_window(image, region)
+        prompt = self.preprocessor.resample_mask_window(warped, pre)
+        if not np.any(prompt):
+            prompt = np.zeros(pre.shape_zyx, bool)
+            centre_local = np.round(image_index_to_window(ndimage.center_of_mass(warped), pre)).astype(int)
+            prompt[tuple(np.clip(centre_local, 0, np.asarray(pre.shape_zyx) - 1))] = True  # a lesion below one voxel
+        centre = np.round(ndimage.center_of_mass(prompt)).astype(int)
+        difference = np.zeros(pre.shape_zyx, np.float32)
+        for fold in self.folds:
+            check_cancel(cancel_event)
+            logits, tile = fold.predictor.predict(pre.data, prompt.astype(np.float32), centre_zyx=centre)
+            fold_difference = np.full(pre.shape_zyx, OUTSIDE_FG_MINUS_BG, np.float32)
+            fold_difference[tile] = logits[1] - logits[0]
+            difference += fold_difference / len(self.folds)
+        values, original_region = self.preprocessor.window_to_original(difference, pre)
+        found = np.zeros(image.shape_zyx, np.uint8)
+        found[original_region] = values > 0
+        return found
 
     def _masks_in_preprocessed_space(self, masks: dict[int, np.ndarray], scan: TrackScan) -> dict[int, np.ndarray]:
         region = scan.pre.nonzero_region

@@ -56,9 +56,10 @@ def lesion_masks(image: ImageVolume, centres_zyx: dict[int, tuple[int, int, int]
 FIVE_LESIONS = {2: (24, 33, 20), 7: (30, 40, 47), 11: (15, 20, 30), 300: (35, 45, 15), 301: (20, 45, 40)}
 
 
-def test_five_lesions_share_one_registration_per_pair(scans):
+@pytest.mark.parametrize("mode", ["exact", "roi"])
+def test_five_lesions_share_one_registration_per_pair(scans, mode):
     registration = CountingRegistration()
-    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=registration)
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=registration, mode=mode)
     masks = lesion_masks(scans[0], FIVE_LESIONS)
     result = tracker.track(scans, {k: MaskPrompt(m) for k, m in masks.items()})
     assert registration.calls == 2  # bl->fu1 and fu1->fu2, shared by all five lesions
@@ -70,15 +71,17 @@ def test_five_lesions_share_one_registration_per_pair(scans):
 
 def test_registration_is_reused_across_calls_and_mirrors_multiply_it(scans):
     registration = CountingRegistration()
-    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=True, registration=registration)
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=True, registration=registration, mode="exact")
     masks = lesion_masks(scans[0], {1: (24, 33, 20)})
     tracker.track_step(scans[0], scans[1], masks)
     tracker.track_step(scans[0], scans[1], lesion_masks(scans[0], {2: (30, 40, 47)}))
     assert registration.calls == 8  # one per mirror, computed once for both calls
 
 
-def test_empty_warped_mask_is_not_found_and_the_chain_goes_on(scans):
-    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(empty=True))
+@pytest.mark.parametrize("mode", ["exact", "roi"])
+def test_empty_warped_mask_is_not_found_and_the_chain_goes_on(scans, mode):
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(empty=True),
+                      mode=mode)
     result = tracker.track(scans[:2], {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])})
     record = result.lesions[1][1]
     assert not record.found and record.mask is None and "not found" in record.message
@@ -94,8 +97,9 @@ def test_reprompt_at_a_follow_up_and_new_lesion(scans):
     assert not result.lesions[9][0].found and result.lesions[9][1].found
 
 
-def test_found_lesion_has_volume_and_physical_centre(scans):
-    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration())
+@pytest.mark.parametrize("mode", ["exact", "roi"])
+def test_found_lesion_has_volume_and_physical_centre(scans, mode):
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode=mode)
     masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
     step = tracker.track_step(scans[0], scans[1], masks)
     record = step[1]
@@ -112,6 +116,18 @@ def test_cancel_stops_tracking(scans):
     cancel.set()
     with pytest.raises(Cancelled):
         tracker.track(scans[:2], {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])}, cancel_event=cancel)
+
+
+def test_roi_mode_with_classical_registration_matches_exact_mode_on_the_same_registration(scans):
+    """With an identity-like registration both modes see the same warped mask; roi predicts on a window only."""
+    exact = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode="exact")
+    roi = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode="roi")
+    masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
+    a, b = exact.track_step(scans[0], scans[1], masks)[1], roi.track_step(scans[0], scans[1], masks)[1]
+    overlap = 2 * np.logical_and(a.mask, b.mask).sum() / (a.mask.sum() + b.mask.sum())
+    assert overlap > 0.8  # different grids (track spacing vs window of it), same lesion
+    assert Tracker(TINY, device="cpu", folds=[0], registration="classical").mode == "roi"
+    assert Tracker(TINY, device="cpu", folds=[0]).mode == "exact"  # the official network: official pipeline
 
 
 def test_preprocessed_and_flipped_volumes_keep_physical_positions(scans):

@@ -1,0 +1,72 @@
+"""LesionLocator-Lite on the CPU: one lesion in a 512x512x200 CT end to end, and one tracking step.
+
+Goals (2 cores): segmentation under 3 s, a tracking step under 20 s. The CT is a synthetic body phantom scaled to
+512x512x200 voxels at 0.8x0.8x2.5 mm with a lesion; the follow-up is the same scan shifted by a few millimetres
+with the lesion grown. Times are wall-clock of the API calls, measured in this one run.
+
+    python benchmarks/lite_speed.py [--threads 2] [--model FOLDER]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from LesionLocatorLib.image import ImageVolume
+from LesionLocatorLib.models.registry import model_root
+from LesionLocatorLib.prompts import PointPrompt
+from LesionLocatorLib.segmentation import Segmenter
+from LesionLocatorLib.tracking import Tracker
+
+SHAPE_ZYX = (200, 512, 512)
+SPACING_XYZ = (0.8, 0.8, 2.5)
+LESION_ZYX = (100, 230, 300)
+
+
+def make_ct(shift_voxels: int, lesion_radius_mm: float, seed: int) -> ImageVolume:
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[: SHAPE_ZYX[0], : SHAPE_ZYX[1], : SHAPE_ZYX[2]]
+    y = y - shift_voxels
+    body = ((y - 256) / 215.0) ** 2 + ((x - 256) / 240.0) ** 2 < 1
+    liver = ((y - 230) / 90.0) ** 2 + ((x - 320) / 110.0) ** 2 + ((z - 100) / 60.0) ** 2 < 1
+    array = np.where(body, 30, -1000).astype(np.int16)
+    array[liver] = 60
+    array += rng.normal(0, 10, SHAPE_ZYX).astype(np.int16)
+    lesion = ((z - LESION_ZYX[0]) * 2.5) ** 2 + ((y - LESION_ZYX[1]) * 0.8) ** 2 + ((x - LESION_ZYX[2]) * 0.8) ** 2
+    array[lesion < lesion_radius_mm ** 2] -= 45
+    return ImageVolume(array, spacing_xyz=SPACING_XYZ)
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="lesionlocator-lite")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = model_root(args.model)
+    baseline, follow_up = make_ct(0, 12.0, 0), make_ct(6, 15.0, 1)
+    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast")
+    _, load_time = timed(lambda: segmenter.model_for("point"))
+    prompt = {1: PointPrompt(LESION_ZYX)}
+    result, first = timed(lambda: segmenter.segment(baseline, prompt))
+    _, second = timed(lambda: segmenter.segment(baseline, prompt))
+    tracker = Tracker.from_folder(root, device="cpu", preset="fast", segmenter=segmenter)
+    step, track_time = timed(lambda: tracker.track_step(baseline, follow_up, {1: result.masks[1]}))
+    print(f"CT {SHAPE_ZYX} (z,y,x) at {SPACING_XYZ[::-1]} mm (z,y,x), CPU {args.threads} threads, model {root.name}")
+    print(f"model load {load_time:.2f} s (once)")
+    print(f"segment one lesion: {first:.2f} s first call, {second:.2f} s next call "
+          f"({int(result.masks[1].sum())} voxels; goal < 3 s)")
+    print(f"tracking step ({tracker.folds[0].registration.name} registration): {track_time:.2f} s "
+          f"(found: {step[1].found}, {step[1].volume_ml:.1f} mL; goal < 20 s)")
+
+
+if __name__ == "__main__":
+    main()
