@@ -136,3 +136,26 @@ def test_bundled_model_loads_strictly_and_fits_the_size_budget():
     network = model.build_network()
     network.load_state_dict(model.fold_weights[0], strict=True)
     assert all(v.dtype == torch.float32 for v in model.fold_weights[0].values() if v.is_floating_point())
+
+
+ABDOMEN_CT = REPO.parent / "shared" / "data" / "totalsegmentator_examples" / "example_ct.nii.gz"
+
+
+@pytest.mark.skipif(not ABDOMEN_CT.is_file(), reason=f"shared data missing: {ABDOMEN_CT}")
+def test_train_command_generates_trains_and_exports(tmp_path):
+    import argparse
+
+    from LesionLocatorLib.training import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    args = parser.parse_args([
+        "--output", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), "--cache-size", "3", "--steps", "2",
+        "--patch-size", "16", "32", "32", "--spacing", "3", "3", "3", "--features", "4", "8", "16", "--blocks", "1", "1",
+        "1", "--backgrounds", "abdomen_ct=1", "--data-root", str(ABDOMEN_CT.parents[1]), "--device", "cpu",
+        "--no-validate",
+    ])
+    assert cli.run(args) == 0
+    assert len(list((tmp_path / "work" / "samples").glob("sample_*.npz"))) == 3
+    model = load_checkpoint_folder(resolve_task_folder(tmp_path / "model", "box"))
+    model.build_network().load_state_dict(model.fold_weights[0], strict=True)
