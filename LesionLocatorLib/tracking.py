@@ -273,27 +273,29 @@ class Tracker:
         for number, (lesion_id, mask) in enumerate(masks.items()):
             check_cancel(cancel_event)
             report(0.5 + 0.5 * number / len(masks), f"lesion {lesion_id}")
-            warped = deformation.warp_mask(np.asarray(mask > 0, np.uint8))
-            if not np.any(warped):
+            near, near_region = deformation.warp_mask_near(np.asarray(mask > 0, np.uint8))
+            if not np.any(near):
                 results[lesion_id] = lesion_record(lesion_id, timepoint, later, None, "tracked",
                                                    "not found: the registration moved the lesion out of the scan")
                 continue
-            found = self._segment_around(later, warped, cancel_event)
+            warped = np.zeros(later.shape_zyx, np.uint8)
+            warped[near_region] = near
+            found = self._segment_around(later, warped, near_region, cancel_event)
             results[lesion_id] = lesion_record(lesion_id, timepoint, later, found, "tracked",
                                                "" if np.any(found) else "not found: the model saw no lesion where it moved to")
         report(1.0, "done")
         return results
 
-    def _segment_around(self, image: ImageVolume, warped: np.ndarray, cancel_event) -> np.ndarray:
+    def _segment_around(self, image: ImageVolume, warped: np.ndarray, near_region, cancel_event) -> np.ndarray:
         """The U-Net with the warped mask as prompt, one patch centred on it, on a preprocessed window only."""
-        coords = np.argwhere(warped)
+        coords = np.argwhere(warped[near_region]) + [r.start for r in near_region]
         region = prompt_window(coords.min(axis=0).astype(float), coords.max(axis=0) + 1.0, image,
                                self.folds[0].patch_size_zyx, self.preprocessor.target_spacing_zyx)
         pre = self.preprocessor.preprocess_window(image, region)
         prompt = self.preprocessor.resample_mask_window(warped, pre)
         if not np.any(prompt):
             prompt = np.zeros(pre.shape_zyx, bool)
-            centre_local = np.round(image_index_to_window(ndimage.center_of_mass(warped), pre)).astype(int)
+            centre_local = np.round(image_index_to_window(coords.mean(axis=0), pre)).astype(int)
             prompt[tuple(np.clip(centre_local, 0, np.asarray(pre.shape_zyx) - 1))] = True  # a lesion below one voxel
         centre = np.round(ndimage.center_of_mass(prompt)).astype(int)
         difference = np.zeros(pre.shape_zyx, np.float32)

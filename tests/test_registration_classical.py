@@ -141,3 +141,22 @@ def test_real_longitudinal_mr_lesions_map_within_2mm():
     print(f"registration: {time.perf_counter() - start:.1f} s")
     errors = np.linalg.norm(deformation.moving_points_to_fixed(study1) - study2, axis=1)
     assert errors.mean() < 1.5 and errors.max() < 3.0
+
+
+def test_warp_near_equals_the_whole_grid_warp_inside_its_region():
+    """The tracker warps only around the lesion: same voxels as warping the whole scan."""
+    rng = np.random.default_rng(3)
+    z, y, x = np.ogrid[:40, :64, :64]
+    body = (((y - 32) / 26.0) ** 2 + ((x - 32) / 28.0) ** 2 < 1).astype(np.int16)
+    fixed_array = (body * 300 + rng.normal(0, 5, (40, 64, 64))).astype(np.int16)
+    moving_array = np.roll(fixed_array, 2, axis=2)
+    direction = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    fixed = ImageVolume(fixed_array, spacing_xyz=(1.5, 1.5, 3.0), direction_lps=direction)
+    moving = ImageVolume(moving_array, spacing_xyz=(1.5, 1.5, 3.0), direction_lps=direction)
+    deformation = ClassicalRegistration(deformable=False).register(moving, fixed)
+    mask = np.zeros(moving.shape_zyx, np.uint8)
+    mask[18:24, 28:36, 30:38] = 1
+    whole = deformation.warp_mask(mask)
+    near, region = deformation.warp_mask_near(mask)
+    assert whole.sum() > 0 and np.array_equal(near, whole[region]) and whole.sum() == near.sum()
+    assert near.size < whole.size

@@ -21,6 +21,16 @@ class RegistrationError(LesionLocatorError):
 class Deformation(ABC):
     """A mapping from the fixed grid into the moving image, found by one registration."""
 
+    def warp_mask_near(self, mask_on_moving: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+        """The warped mask over the fixed-grid region that holds it only: (mask, region), region (z, y, x) slices.
+        Implementations that can warp a sub-grid directly override this; the default warps the whole grid."""
+        warped = self.warp_mask(mask_on_moving)
+        coords = np.argwhere(warped)
+        if coords.size == 0:
+            return warped[:0, :0, :0], (slice(0, 0),) * 3
+        region = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(coords.min(axis=0), coords.max(axis=0)))
+        return warped[region], region
+
     @abstractmethod
     def warp_mask(self, mask_on_moving: np.ndarray) -> np.ndarray:
         """Pull a (z, y, x) mask on the moving grid onto the fixed grid (nearest neighbour); returns uint8 0/1."""

@@ -17,6 +17,8 @@ from LesionLocatorLib.registration.base import Deformation, Registration, Regist
 MIN_WORKING_VOXELS = 24
 HISTOGRAM_BINS = 32
 SAMPLING_SEED = 20250
+# Room around a mask's affinely mapped bounding box for what the deformable stage adds.
+NEAR_MARGIN_MM = 25.0
 
 
 class TransformDeformation(Deformation):
@@ -25,6 +27,7 @@ class TransformDeformation(Deformation):
     def __init__(self, transform: sitk.Transform, moving_grid: ImageVolume, fixed_grid: ImageVolume) -> None:
         self.transform = transform
         self._moving_grid = moving_grid
+        self._fixed_grid = fixed_grid
         self._fixed_reference = fixed_grid.to_sitk(np.zeros(fixed_grid.shape_zyx, dtype=np.uint8))
 
     def warp_mask(self, mask_on_moving: np.ndarray) -> np.ndarray:
@@ -32,6 +35,36 @@ class TransformDeformation(Deformation):
         moving_mask = self._moving_grid.to_sitk((mask > 0).astype(np.uint8))
         warped = sitk.Resample(moving_mask, self._fixed_reference, self.transform, sitk.sitkNearestNeighbor, 0)
         return sitk.GetArrayFromImage(warped)
+
+    def warp_mask_near(self, mask_on_moving: np.ndarray, margin_mm: float = NEAR_MARGIN_MM):
+        """Warp onto the fixed-grid box around where the mask's bounding box maps (plus a margin for the
+        deformable part), not the whole scan; falls back to the whole grid if the result touches the box."""
+        mask = check_mask_shape(mask_on_moving, self._moving_grid.shape_zyx)
+        coords = np.argwhere(mask > 0)
+        if coords.size == 0:
+            return np.zeros((0, 0, 0), np.uint8), (slice(0, 0),) * 3
+        lo, hi = coords.min(axis=0) - 0.5, coords.max(axis=0) + 0.5
+        corners_zyx = np.array([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        fixed_corners = self._fixed_grid.lps_to_index_zyx(
+            self.moving_points_to_fixed(self._moving_grid.index_zyx_to_lps(corners_zyx)))
+        margin = margin_mm / np.asarray(self._fixed_grid.spacing_zyx)
+        shape = np.asarray(self._fixed_grid.shape_zyx)
+        start = np.clip(np.floor(fixed_corners.min(axis=0) - margin), 0, shape).astype(int)
+        stop = np.clip(np.ceil(fixed_corners.max(axis=0) + margin) + 1, 0, shape).astype(int)
+        region = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        if any(r.stop <= r.start for r in region):
+            return np.zeros((0, 0, 0), np.uint8), (slice(0, 0),) * 3
+        reference = sitk.Image([int(r.stop - r.start) for r in region[::-1]], sitk.sitkUInt8)
+        reference.SetSpacing(self._fixed_grid.spacing_xyz)
+        reference.SetDirection(self._fixed_grid.direction_lps.flatten().tolist())
+        reference.SetOrigin(tuple(self._fixed_grid.index_zyx_to_lps(start)))
+        moving_mask = self._moving_grid.to_sitk((mask > 0).astype(np.uint8))
+        warped = sitk.GetArrayFromImage(sitk.Resample(moving_mask, reference, self.transform, sitk.sitkNearestNeighbor, 0))
+        touches_border = any(np.any(np.take(warped, index, axis=axis)) for axis in range(3) for index in (0, -1)
+                             if (index == 0 and start[axis] > 0) or (index == -1 and stop[axis] < shape[axis]))
+        if touches_border:
+            return super().warp_mask_near(mask_on_moving)
+        return warped, region
 
     def fixed_points_to_moving(self, points_lps: np.ndarray) -> np.ndarray:
         """LPS points (n, 3) of the later scan -> the corresponding LPS points of the earlier scan."""
