@@ -118,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="folder for the random checkpoint (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--shape-zyx", type=int, nargs=3, default=[400, 512, 512])
+    parser.add_argument("--shape-zyx", type=int, nargs=3, default=[400, 512, 512],
+                        help="CT size; the exact mode needs ~18 GB RAM at the default, use 250 512 512 on 16 GB")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ll_bench_"))
     root = work / "resencl_random"
@@ -129,9 +130,14 @@ def main() -> None:
     for mode in ("roi", "exact"):
         queue = context.Queue()
         process = context.Process(target=measure, args=(mode, str(root), tuple(args.shape_zyx), args.threads, queue))
+        start = time.perf_counter()
         process.start()
-        results[mode] = queue.get()
         process.join()
+        if process.exitcode != 0:  # e.g. killed by the kernel when the whole-image pipeline runs out of memory
+            print(f"{mode:5s}: died after {time.perf_counter() - start:.0f} s (exit code {process.exitcode}; "
+                  "-9 = killed, usually out of memory); try a smaller --shape-zyx", flush=True)
+            return
+        results[mode] = queue.get()
         r = results[mode]
         print(f"{mode:5s}: {r['wall_s']:7.1f} s (network {r['network_s']:.1f} s), peak +{r['peak_extra_mib']:.0f} MiB "
               f"(total {r['peak_total_mib']:.0f} MiB), lesion voxels {r['lesion_voxels']}", flush=True)
