@@ -54,6 +54,17 @@ def region_shape(region: Region) -> tuple[int, int, int]:
     return tuple(int(s.stop - s.start) for s in region)
 
 
+def centred_region(centre_zyx, half_extent_zyx, shape_zyx) -> Region:
+    """Voxels within `half_extent` of `centre` (+1 on the upper side), shifted to stay inside the image where it is
+    large enough (so a patch clamped at the border sees the same voxels as on the whole image), then clipped."""
+    centre, half, shape = np.asarray(centre_zyx, float), np.asarray(half_extent_zyx, float), np.asarray(shape_zyx)
+    start = np.floor(centre - half).astype(int)
+    stop = np.ceil(centre + half).astype(int) + 1
+    shift = np.maximum(0, -start) - np.maximum(0, stop - shape)
+    start, stop = np.clip(start + shift, 0, shape), np.clip(stop + shift, 0, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
 def full_region(shape_zyx) -> Region:
     return tuple(slice(0, int(s)) for s in shape_zyx)
 

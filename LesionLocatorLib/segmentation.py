@@ -18,7 +18,7 @@ from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, re
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
-from .preprocessing import PreprocessedImage, Preprocessor, Region
+from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
     BoxPrompt, MaskPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
     point_to_preprocessed, validate_prompt,
@@ -217,14 +217,7 @@ def prompt_window(lo_zyx: np.ndarray, hi_zyx: np.ndarray, image: ImageVolume, pa
     extent = hi_zyx - lo_zyx
     # a prompt larger than the patch is covered by tiles reaching up to one patch beyond it
     half = np.where(extent * spacing / target + 2 > patch, extent / 2 + patch_original, patch_original / 2) + margin
-    centre = (lo_zyx + hi_zyx) / 2
-    start = np.floor(centre - half).astype(int)
-    stop = np.ceil(centre + half).astype(int) + 1
-    shape = np.asarray(image.shape_zyx)
-    # keep the full window size where the image allows it, so a clamped patch sees the same border as official
-    shift = np.maximum(0, -start) - np.maximum(0, stop - shape)
-    start, stop = np.clip(start + shift, 0, shape), np.clip(stop + shift, 0, shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    return centred_region((lo_zyx + hi_zyx) / 2, half, image.shape_zyx)
 
 
 def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
