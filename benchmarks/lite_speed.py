@@ -9,10 +9,10 @@ with the lesion grown. Times are wall-clock of the API calls, measured in this o
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from timing import timed
 
 from LesionLocatorLib.image import ImageVolume
 from LesionLocatorLib.models.registry import model_root
@@ -37,12 +37,6 @@ def make_ct(shift_voxels: int, lesion_radius_mm: float, seed: int) -> ImageVolum
     lesion = ((z - LESION_ZYX[0]) * 2.5) ** 2 + ((y - LESION_ZYX[1]) * 0.8) ** 2 + ((x - LESION_ZYX[2]) * 0.8) ** 2
     array[lesion < lesion_radius_mm ** 2] -= 45
     return ImageVolume(array, spacing_xyz=SPACING_XYZ)
-
-
-def timed(function):
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

@@ -17,11 +17,11 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed
 
 from LesionLocatorLib.checkpoint import build_network_from_architecture, save_checkpoint
 from LesionLocatorLib.image import ImageVolume
@@ -96,12 +96,6 @@ def make_scans() -> tuple[list[ImageVolume], dict[int, np.ndarray]]:
                 masks[k] = lesion.astype(np.uint8)
         scans.append(ImageVolume(array.astype(np.int16), spacing_xyz=(0.8, 0.8, 3.0)))
     return scans, masks
-
-
-def timed(function):
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:
