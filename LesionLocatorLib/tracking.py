@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,8 @@ Progress = Callable[[float, str], None]
 # Logit difference outside the U-Net patch: the official tracker fills (background 1, foreground 0) there.
 OUTSIDE_FG_MINUS_BG = -1.0
 TRACKING_MODES = ("auto", "exact", "roi")
+MAX_CACHED_SCANS = 8  # preprocessed scans (a patient's timepoints)
+MAX_CACHED_REGISTRATIONS = 32  # scan pairs x folds x mirrors
 UNET_PREFIX = "unet."
 REGISTRATION_PREFIX = "reg_net."
 
@@ -120,6 +123,24 @@ def flipped_volume(volume: ImageVolume, axes_zyx: tuple[int, ...]) -> ImageVolum
                        tuple(volume.index_zyx_to_lps(last_zyx)), direction)
 
 
+class BoundedCache(OrderedDict):
+    """Least-recently-used cache: a long Slicer session must not keep every scan and registration alive."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
 @dataclass
 class TrackScan:
     image: ImageVolume
@@ -163,8 +184,8 @@ class Tracker:
                       for weights, reg in zip(self.model.fold_weights.values(), registrations)]
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
                                                 use_tta=use_tta, mode=segmentation_mode)
-        self._scans: dict[str, TrackScan] = {}
-        self._deformations: dict[tuple, Deformation] = {}
+        self._scans = BoundedCache(MAX_CACHED_SCANS)
+        self._deformations = BoundedCache(MAX_CACHED_REGISTRATIONS)
         self.registrations_computed = 0
 
     @classmethod

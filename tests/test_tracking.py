@@ -143,3 +143,13 @@ def test_preprocessed_and_flipped_volumes_keep_physical_positions(scans):
     z, y, x = volume.shape_zyx
     assert np.allclose(flipped.index_zyx_to_lps((0, 10, 0)), volume.index_zyx_to_lps((z - 1, 10, x - 1)))
     assert flipped.array[0, 10, 0] == volume.array[z - 1, 10, x - 1]
+
+
+def test_caches_are_bounded():
+    from LesionLocatorLib.tracking import BoundedCache
+
+    cache = BoundedCache(2)
+    cache["a"], cache["b"] = 1, 2
+    assert cache["a"] == 1  # 'a' is now the most recent
+    cache["c"] = 3
+    assert list(cache) == ["a", "c"]
