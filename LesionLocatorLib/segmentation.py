@@ -111,8 +111,8 @@ class Segmenter:
         self.cpu_bf16 = cpu_bf16
         self.mask_prompt_as = mask_prompt_as
         self._models: dict[str, SegmentationModel] = {}
-        for task in ("point", "box"):  # fail early on a wrong folder, load weights lazily
-            resolve_task_folder(self.model_root, task)
+        if not self.model_root.is_dir():  # fail early on a wrong folder; weights load lazily per task
+            raise CheckpointError(f"Model folder not found: {self.model_root}")
 
     @classmethod
     def from_folder(cls, model_root: str | Path, **options) -> "Segmenter":
