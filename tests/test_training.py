@@ -19,7 +19,7 @@ from LesionLocatorLib.training.plans import (
 from LesionLocatorLib.training.samples import (
     cached_sample_paths, load_sample, make_batch, place_patch, samples_from_case, save_sample, simulate_dense_prompt,
 )
-from LesionLocatorLib.training.trainer import TrainingOptions, export_model, train
+from LesionLocatorLib.training.trainer import TrainingOptions, TrainingState, export_model, train
 
 TINY = LiteModelConfig(patch_size_zyx=(16, 32, 32), spacing_zyx=(3.0, 3.0, 3.0), features_per_stage=(4, 8, 16),
                        blocks_per_stage=(1, 1, 1))
@@ -86,7 +86,7 @@ def test_prompt_encoding_and_patch_placement_match_inference(tiny_samples):
 
 
 def test_batches_have_network_layout(tiny_samples):
-    inputs, targets = make_batch(tiny_samples[:2], TINY, np.random.default_rng(1))
+    inputs, targets = make_batch(tiny_samples[:2], TINY.patch_size_zyx, TINY.spacing_zyx, np.random.default_rng(1))
     assert inputs.shape == (2, 2) + TINY.patch_size_zyx and targets.shape == (2,) + TINY.patch_size_zyx
     assert inputs.dtype == np.float32 and targets.dtype == np.int64
     assert np.all(inputs[:, 1].reshape(2, -1).max(axis=1) == 1)  # every sample has a prompt
@@ -126,6 +126,17 @@ def test_resume_continues_from_the_latest_checkpoint(tiny_samples, tmp_path):
     _, state = train(TINY, TrainingOptions(steps=6, log_every=1, device="cpu"), tmp_path / "cache", tmp_path / "work",
                      resume=True, progress=lambda step, *_: steps_run.append(step))
     assert steps_run == [4, 5, 6] and state.step == 6 and len(state.losses) == 6
+
+
+def test_training_can_start_from_a_model_and_use_smaller_patches(tiny_samples, tmp_path):
+    (tmp_path / "cache").mkdir()
+    save_sample(tmp_path / "cache", 0, tiny_samples[0])
+    start = build_lite_network(TINY)
+    root = export_model(start, TINY, tmp_path / "start", TrainingState())
+    frozen = TrainingOptions(steps=2, learning_rate=0.0, device="cpu", init_weights=str(root), patch_size_zyx=(16, 16, 16))
+    network, _ = train(TINY, frozen, tmp_path / "cache", tmp_path / "work", progress=None)
+    for key, value in start.state_dict().items():
+        assert torch.equal(network.state_dict()[key], value), key
 
 
 @pytest.mark.skipif(not (BUNDLED / MODEL_MANIFEST).is_file(), reason="bundled Lite model not trained yet")

@@ -38,6 +38,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         default=list(LiteModelConfig.patch_size_zyx), help="patch in voxels (z y x)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
                         default=list(LiteModelConfig.spacing_zyx), help="target spacing in mm (z y x)")
+    parser.add_argument("--train-patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        help="train on smaller patches than the plans' patch (cheaper steps; default: the plans')")
+    parser.add_argument("--init-from", help="start from these weights: a model root or a checkpoint file")
+    parser.add_argument("--no-deep-supervision", action="store_true", help="loss on the full-resolution output only")
     parser.add_argument("--features", type=int, nargs="+", default=list(LiteModelConfig.features_per_stage))
     parser.add_argument("--blocks", type=int, nargs="+", default=list(LiteModelConfig.blocks_per_stage))
     parser.add_argument("--backgrounds", nargs="+", metavar="NAME=WEIGHT",
@@ -90,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
     options = TrainingOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                               device=args.device, threads=args.threads,
-                              time_limit_s=None if args.time_limit_min is None else 60 * args.time_limit_min)
+                              time_limit_s=None if args.time_limit_min is None else 60 * args.time_limit_min,
+                              patch_size_zyx=tuple(args.train_patch_size) if args.train_patch_size else None,
+                              deep_supervision=not args.no_deep_supervision,
+                              init_weights=str(args.init_from) if args.init_from else None)
     try:
         network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size)
     except KeyboardInterrupt:

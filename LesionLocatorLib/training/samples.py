@@ -205,14 +205,14 @@ def augment(image: np.ndarray, target: np.ndarray, prompt: np.ndarray, rng: np.r
     return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(target), np.ascontiguousarray(prompt)
 
 
-def make_batch(samples: Sequence[TrainingSample], config: LiteModelConfig, rng: np.random.Generator,
-               prompt_mix: Sequence[float] = DEFAULT_PROMPT_MIX) -> tuple[np.ndarray, np.ndarray]:
+def make_batch(samples: Sequence[TrainingSample], patch_size_zyx: Sequence[int], spacing_zyx: Sequence[float],
+               rng: np.random.Generator, prompt_mix: Sequence[float] = DEFAULT_PROMPT_MIX) -> tuple[np.ndarray, np.ndarray]:
     """Network input (batch, 2, z, y, x) [image, prompt] and target (batch, z, y, x) int64."""
     inputs, targets = [], []
     for sample in samples:
         kind = str(rng.choice(PROMPT_KINDS, p=np.asarray(prompt_mix) / np.sum(prompt_mix)))
-        prompt = simulate_dense_prompt(sample.target, kind, rng, config.spacing_zyx)
-        image, target, prompt = place_patch(sample.image, sample.target, prompt, config.patch_size_zyx, rng, kind)
+        prompt = simulate_dense_prompt(sample.target, kind, rng, spacing_zyx)
+        image, target, prompt = place_patch(sample.image, sample.target, prompt, patch_size_zyx, rng, kind)
         image, target, prompt = augment(image, target, prompt, rng)
         inputs.append(np.stack([image, prompt]))
         targets.append(target.astype(np.int64))

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint_file
+from ..checkpoint import load_checkpoint_file, load_checkpoint_folder, resolve_task_folder
 from ..errors import LesionLocatorError
 from ..prediction import resolve_device
 from .plans import LiteModelConfig, build_lite_network, write_model_root
@@ -40,6 +40,9 @@ class TrainingOptions:
     time_limit_s: float | None = None  # stop (resumable) after this much wall time in this run
     prompt_mix: tuple[float, float, float] = DEFAULT_PROMPT_MIX  # point, box, previous mask
     samples_in_memory: int = 400  # cached samples held in RAM at once (a random subset, refreshed)
+    patch_size_zyx: tuple[int, int, int] | None = None  # training patch; None: the plans' (inference) patch
+    deep_supervision: bool = True  # nnU-Net's multi-scale loss (the saved network has the same weights either way)
+    init_weights: str | None = None  # start from these weights (model root, model folder or checkpoint file)
 
 
 @dataclass
@@ -57,6 +60,22 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     intersection = (probability * foreground).sum()
     dice = (2 * intersection + 1e-5) / (probability.sum() + foreground.sum() + 1e-5)
     return cross_entropy + (1 - dice)
+
+
+def deep_supervision_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's weighting: scale i weighs 1/2^i (the coarsest output is ignored), weights normalized to 1;
+    targets are downsampled with nearest neighbours."""
+    weights = torch.tensor([1 / 2 ** i for i in range(len(outputs))])
+    weights[-1] = 0
+    weights = weights / weights.sum()
+    total = outputs[0].new_zeros(())
+    for weight, output in zip(weights.tolist(), outputs):
+        if weight == 0:
+            continue
+        scaled = target if output.shape[2:] == target.shape[1:] else torch.nn.functional.interpolate(
+            target[:, None].float(), size=output.shape[2:], mode="nearest")[:, 0].long()
+        total = total + weight * dice_ce_loss(output, scaled)
+    return total
 
 
 def poly_learning_rate(step: int, options: TrainingOptions) -> float:
@@ -118,6 +137,14 @@ def _load_latest(work_dir: Path, network, optimizer, rng: np.random.Generator, c
     return TrainingState(**json.loads(checkpoint["state"]))
 
 
+def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """Network weights from a model root (its point model), a model folder, or a checkpoint file."""
+    source = Path(source)
+    if source.is_file():
+        return load_checkpoint_file(source)["network_weights"]
+    return load_checkpoint_folder(resolve_task_folder(source, "point"), folds=[0]).fold_weights[0]
+
+
 def progress_bar(step: int, total: int, loss: float, seconds_per_step: float) -> None:
     """One updating line on stderr."""
     width = 30
@@ -139,7 +166,11 @@ def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, 
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     device = resolve_device(options.device)
-    network = build_lite_network(config).to(device)
+    network = build_lite_network(config)
+    if options.init_weights is not None and not resume:
+        network.load_state_dict(initial_weights(options.init_weights), strict=True)
+    network = network.to(device)
+    network.decoder.deep_supervision = options.deep_supervision
     optimizer = torch.optim.AdamW(network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     state = TrainingState()
     if resume:
@@ -147,17 +178,21 @@ def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, 
             raise LesionLocatorError(f"Nothing to resume: {work_dir / LATEST} does not exist.")
         state = _load_latest(work_dir, network, optimizer, rng, config)
     pool = SamplePool(Path(cache), options.samples_in_memory, rng, max_samples)
+    patch_size = tuple(options.patch_size_zyx or config.patch_size_zyx)
     network.train()
-    started, first_step = time.time(), state.step
+    started, first_step, earlier_seconds = time.time(), state.step, state.seconds
     interval_losses: list[float] = []
     while state.step < options.steps:
         if options.time_limit_s is not None and time.time() - started > options.time_limit_s:
             break
-        inputs, targets = make_batch(pool.draw(options.batch_size), config, rng, options.prompt_mix)
+        inputs, targets = make_batch(pool.draw(options.batch_size), patch_size, config.spacing_zyx, rng,
+                                     options.prompt_mix)
         for group in optimizer.param_groups:
             group["lr"] = poly_learning_rate(state.step, options)
         optimizer.zero_grad(set_to_none=True)
-        loss = dice_ce_loss(network(torch.from_numpy(inputs).to(device)), torch.from_numpy(targets).to(device))
+        outputs = network(torch.from_numpy(inputs).to(device))
+        target = torch.from_numpy(targets).to(device)
+        loss = deep_supervision_loss(outputs, target) if options.deep_supervision else dice_ce_loss(outputs, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
         optimizer.step()
@@ -173,9 +208,11 @@ def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, 
             if progress is not None:
                 progress(state.step, options.steps, state.losses[-1],
                          (time.time() - started) / max(1, state.step - first_step))
+        state.seconds = earlier_seconds + time.time() - started
         if state.step % options.checkpoint_every == 0:
             _save_latest(work_dir, network, optimizer, state, rng, config)
-    state.seconds += time.time() - started
+    state.seconds = earlier_seconds + time.time() - started
+    network.decoder.deep_supervision = False
     _save_latest(work_dir, network, optimizer, state, rng, config)
     (work_dir / "training_log.json").write_text(json.dumps({**asdict(state), "options": asdict(options)}, indent=1))
     return network, state
