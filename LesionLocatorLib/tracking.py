@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +23,7 @@ from scipy import ndimage
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
-from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
+from .prediction import PatchPredictor, PredictionSettings, check_cancel, inclusive_bbox, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor
 from .prompts import MaskPrompt, Prompt
 from .registration import make_registration
@@ -35,6 +35,7 @@ Progress = Callable[[float, str], None]
 # Logit difference outside the U-Net patch: the official tracker fills (background 1, foreground 0) there.
 OUTSIDE_FG_MINUS_BG = -1.0
 TRACKING_MODES = ("auto", "exact", "roi")
+WINDOW_MARGIN_VOXELS = 3  # context around a window on the preprocessed grid (linear interpolation needs 1)
 MAX_CACHED_SCANS = 8  # preprocessed scans (a patient's timepoints)
 MAX_CACHED_REGISTRATIONS = 32  # scan pairs x folds x mirrors
 UNET_PREFIX = "unet."
@@ -332,12 +333,18 @@ class Tracker:
         return found
 
     def _masks_in_preprocessed_space(self, masks: dict[int, np.ndarray], scan: TrackScan) -> dict[int, np.ndarray]:
-        region = scan.pre.nonzero_region
+        """Each lesion mask resampled like nnU-Net resamples a label map, computed only on a window around it."""
+        pre = scan.pre
         resampled = {}
         for lesion_id, mask in masks.items():
-            labels = self.preprocessor.resample_segmentation(np.asarray(mask[region] > 0, np.uint8),
-                                                             scan.pre.original_spacing_zyx, scan.pre.shape_zyx)
-            resampled[lesion_id] = labels > 0
+            coords = np.argwhere(mask[pre.nonzero_region])
+            grid_mask = np.zeros(pre.grid_shape_zyx, bool)
+            if coords.size:
+                lo = np.floor(coords.min(axis=0) * pre.scale_zyx).astype(int) - WINDOW_MARGIN_VOXELS
+                hi = np.ceil((coords.max(axis=0) + 1) * pre.scale_zyx).astype(int) + WINDOW_MARGIN_VOXELS
+                window = tuple(slice(max(0, a), min(int(n), b)) for a, b, n in zip(lo, hi, pre.grid_shape_zyx))
+                grid_mask[window] = self.preprocessor.resample_mask_window(mask, replace(pre, grid_region=window))
+            resampled[lesion_id] = grid_mask
         return resampled
 
     def _unet_difference(self, fold: TrackFold, fixed_czyx: np.ndarray, warped_zyx: np.ndarray) -> np.ndarray:
@@ -349,10 +356,19 @@ class Tracker:
         return difference
 
     def _to_original(self, difference_window: np.ndarray, scan: TrackScan, z_window: slice) -> np.ndarray:
-        difference = np.full(scan.pre.shape_zyx, OUTSIDE_FG_MINUS_BG, np.float32)
+        """Back-resample the logit difference onto the original grid; only the window around the U-Net patch is
+        computed, since elsewhere it is the constant background value and stays background."""
+        difference = np.full(scan.pre.grid_shape_zyx, OUTSIDE_FG_MINUS_BG, np.float32)
         difference[z_window] = difference_window
         mask = np.zeros(scan.image.shape_zyx, np.uint8)
-        mask[scan.pre.nonzero_region] = self.preprocessor.logits_to_original(difference[None], scan.pre)[0] > 0
+        changed = difference != OUTSIDE_FG_MINUS_BG
+        if not changed.any():
+            return mask
+        lo, hi = inclusive_bbox(changed)
+        window = tuple(slice(max(0, int(a) - WINDOW_MARGIN_VOXELS), min(int(n), int(b) + 1 + WINDOW_MARGIN_VOXELS))
+                       for a, b, n in zip(lo, hi, scan.pre.grid_shape_zyx))
+        values, region = self.preprocessor.window_to_original(difference[window], replace(scan.pre, grid_region=window))
+        mask[region] = values > 0
         return mask
 
     # --- chains ------------------------------------------------------------------------------------------------
