@@ -19,7 +19,9 @@ from LesionLocatorLib.training.plans import (
 from LesionLocatorLib.training.samples import (
     cached_sample_paths, load_sample, make_batch, place_patch, samples_from_case, save_sample, simulate_dense_prompt,
 )
-from LesionLocatorLib.training.trainer import TrainingOptions, TrainingState, export_model, train
+from LesionLocatorLib.training.trainer import (
+    TrainingOptions, TrainingState, deep_supervision_loss, dice_ce_loss, export_model, train,
+)
 
 TINY = LiteModelConfig(patch_size_zyx=(16, 32, 32), spacing_zyx=(3.0, 3.0, 3.0), features_per_stage=(4, 8, 16),
                        blocks_per_stage=(1, 1, 1))
@@ -90,6 +92,18 @@ def test_batches_have_network_layout(tiny_samples):
     assert inputs.shape == (2, 2) + TINY.patch_size_zyx and targets.shape == (2,) + TINY.patch_size_zyx
     assert inputs.dtype == np.float32 and targets.dtype == np.int64
     assert np.all(inputs[:, 1].reshape(2, -1).max(axis=1) == 1)  # every sample has a prompt
+
+
+def test_dice_loss_counts_every_lesion_equally():
+    target = torch.zeros((2, 8, 8, 8), dtype=torch.long)
+    target[0, 2:6, 2:6, 2:6] = 1  # a 64-voxel lesion, predicted perfectly
+    target[1, 4, 4, 4] = 1  # a one-voxel lesion, missed
+    logits = torch.stack([torch.full(target.shape, 20.0), torch.zeros(target.shape)], dim=1)
+    logits[:, 1][target == 1] = 40.0
+    logits[1, 1, 4, 4, 4] = 0.0
+    assert dice_ce_loss(logits, target).item() == pytest.approx(0.5, abs=0.03)  # a batch Dice would give ~0.03
+    outputs = [logits, logits[:, :, ::2, ::2, ::2], logits[:, :, ::4, ::4, ::4]]
+    assert deep_supervision_loss(outputs, target).item() > 0.5 * dice_ce_loss(logits, target).item()
 
 
 def test_tiny_training_reduces_loss_and_writes_a_loadable_model(tiny_samples, tmp_path):

@@ -89,7 +89,7 @@ def make_plans(config: LiteModelConfig) -> dict:
         "use_mask_for_norm": [False],
         **resampling,
         "architecture": config.architecture(),
-        "batch_dice": True,
+        "batch_dice": False,
     }
     return {
         "dataset_name": "LesionLocatorLite",

@@ -53,13 +53,15 @@ class TrainingState:
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + (1 - soft Dice of the lesion class over the whole batch), as nnU-Net's batch Dice."""
+    """Cross-entropy + (1 - soft Dice of the lesion class), Dice per sample then averaged: every prompted lesion
+    counts the same, as in the per-lesion evaluation (a batch Dice lets large lesions drown small ones)."""
     cross_entropy = torch.nn.functional.cross_entropy(logits, target)
     probability = torch.softmax(logits, dim=1)[:, 1]
     foreground = (target == 1).float()
-    intersection = (probability * foreground).sum()
-    dice = (2 * intersection + 1e-5) / (probability.sum() + foreground.sum() + 1e-5)
-    return cross_entropy + (1 - dice)
+    spatial = tuple(range(1, probability.ndim))
+    intersection = (probability * foreground).sum(spatial)
+    dice = (2 * intersection + 1e-5) / (probability.sum(spatial) + foreground.sum(spatial) + 1e-5)
+    return cross_entropy + (1 - dice.mean())
 
 
 def deep_supervision_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
