@@ -157,30 +157,51 @@ def progress_bar(step: int, total: int, loss: float, seconds_per_step: float) ->
     sys.stderr.flush()
 
 
-def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, work_dir: str | Path,
-          resume: bool = False, progress: Callable[[int, int, float, float], None] | None = progress_bar,
-          max_samples: int | None = None) -> tuple[torch.nn.Module, TrainingState]:
-    """Train (or continue) the Lite network on the samples cached in `cache` (the first `max_samples`);
-    returns the network and the state reached."""
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(options.threads)
-    torch.manual_seed(options.seed)
-    rng = np.random.default_rng(options.seed)
+def _setup(config: LiteModelConfig, options: TrainingOptions, work_dir: Path, resume: bool, rng: np.random.Generator):
+    """Network (on its device), optimizer and state: fresh, from `init_weights`, or resumed from work_dir."""
     device = resolve_device(options.device)
     network = build_lite_network(config)
     if options.init_weights is not None and not resume:
         network.load_state_dict(initial_weights(options.init_weights), strict=True)
     network = network.to(device)
-    network.decoder.deep_supervision = options.deep_supervision
     optimizer = torch.optim.AdamW(network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     state = TrainingState()
     if resume:
         if not (work_dir / LATEST).is_file():
             raise LesionLocatorError(f"Nothing to resume: {work_dir / LATEST} does not exist.")
         state = _load_latest(work_dir, network, optimizer, rng, config)
+    return network, optimizer, state, device
+
+
+def _step(network, optimizer, inputs: np.ndarray, targets: np.ndarray, learning_rate: float,
+          options: TrainingOptions, device: torch.device) -> float:
+    """One optimizer step; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    optimizer.zero_grad(set_to_none=True)
+    outputs = network(torch.from_numpy(inputs).to(device))
+    target = torch.from_numpy(targets).to(device)
+    loss = deep_supervision_loss(outputs, target) if options.deep_supervision else dice_ce_loss(outputs, target)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+    optimizer.step()
+    return float(loss.item())
+
+
+def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, work_dir: str | Path,
+          resume: bool = False, progress: Callable[[int, int, float, float], None] | None = progress_bar,
+          max_samples: int | None = None) -> tuple[torch.nn.Module, TrainingState]:
+    """Train (or continue) the Lite network on the samples cached in `cache` (the first `max_samples`);
+    returns the network (in inference form, without deep supervision) and the state reached."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    network, optimizer, state, device = _setup(config, options, work_dir, resume, rng)
     pool = SamplePool(Path(cache), options.samples_in_memory, rng, max_samples)
     patch_size = tuple(options.patch_size_zyx or config.patch_size_zyx)
+    network.decoder.deep_supervision = options.deep_supervision
     network.train()
     started, first_step, earlier_seconds = time.time(), state.step, state.seconds
     interval_losses: list[float] = []
@@ -189,31 +210,22 @@ def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, 
             break
         inputs, targets = make_batch(pool.draw(options.batch_size), patch_size, config.spacing_zyx, rng,
                                      options.prompt_mix)
-        for group in optimizer.param_groups:
-            group["lr"] = poly_learning_rate(state.step, options)
-        optimizer.zero_grad(set_to_none=True)
-        outputs = network(torch.from_numpy(inputs).to(device))
-        target = torch.from_numpy(targets).to(device)
-        loss = deep_supervision_loss(outputs, target) if options.deep_supervision else dice_ce_loss(outputs, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
-        optimizer.step()
-        interval_losses.append(float(loss.item()))
+        interval_losses.append(_step(network, optimizer, inputs, targets, poly_learning_rate(state.step, options),
+                                     options, device))
         state.step += 1
+        state.seconds = earlier_seconds + time.time() - started
         if state.step % 4 == 0:
             pool.refresh_one()
         if state.step % 100 == 0:
-            pool.rescan()
+            pool.rescan()  # samples still being generated join the pool
         if state.step % options.log_every == 0 or state.step == options.steps:
             state.losses.append(float(np.mean(interval_losses)))
             interval_losses = []
             if progress is not None:
-                progress(state.step, options.steps, state.losses[-1],
-                         (time.time() - started) / max(1, state.step - first_step))
-        state.seconds = earlier_seconds + time.time() - started
+                seconds_per_step = (time.time() - started) / (state.step - first_step)
+                progress(state.step, options.steps, state.losses[-1], seconds_per_step)
         if state.step % options.checkpoint_every == 0:
             _save_latest(work_dir, network, optimizer, state, rng, config)
-    state.seconds = earlier_seconds + time.time() - started
     network.decoder.deep_supervision = False
     _save_latest(work_dir, network, optimizer, state, rng, config)
     (work_dir / "training_log.json").write_text(json.dumps({**asdict(state), "options": asdict(options)}, indent=1))
