@@ -140,6 +140,8 @@ class PatchPredictor:
                 offset = np.asarray(grid[0])
                 starts = [tuple(np.asarray(s) - offset) for s in tile_starts(
                     grid[1], self.patch_size, prompt_min + offset, prompt_max + offset, self.settings.step_size)]
+                if np.min(starts) < 0 or np.any(np.max(starts, axis=0) + self.patch_size > padded.shape[1:]):
+                    raise LesionLocatorError("Internal error: the preprocessed window does not hold every tile.")
         else:
             starts = [centred_tile_start(np.asarray(centre_zyx) + [s.start for s in unpad[1:]], padded.shape[1:],
                                          self.patch_size)]

@@ -215,8 +215,10 @@ def prompt_window(lo_zyx: np.ndarray, hi_zyx: np.ndarray, image: ImageVolume, pa
     patch_original = patch * target / spacing
     margin = ROI_MARGIN_TARGET_VOXELS * target / spacing + ROI_MARGIN_ORIGINAL_VOXELS
     extent = hi_zyx - lo_zyx
-    # a prompt larger than the patch is covered by tiles reaching up to one patch beyond it
-    half = np.where(extent * spacing / target + 2 > patch, extent / 2 + patch_original, patch_original / 2) + margin
+    # a prompt larger than the patch on any axis is covered by sliding-window tiles, which reach up to one patch
+    # beyond it on every axis
+    sliding = np.any(extent * spacing / target + 2 > patch)
+    half = (extent / 2 + patch_original if sliding else patch_original / 2) + margin
     return centred_region((lo_zyx + hi_zyx) / 2, half, image.shape_zyx)
 
 

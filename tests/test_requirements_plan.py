@@ -28,7 +28,7 @@ def names(states) -> set[str]:
 
 def test_fresh_slicer_plan_skips_shipped_packages_and_leaves_torch_to_pytorchutils():
     plan = plan_installation(FRESH_SLICER, (5, 10))
-    assert names(plan.provided_by_slicer) == {"numpy", "scipy", "SimpleITK"}
+    assert names(plan.provided_by_slicer) == {"numpy", "scipy", "SimpleITK", "packaging"}
     assert plan.torch_action == "install" and plan.torch_requirement == ">=2.2"
     planned = names(plan.install) | names(plan.install_no_deps)
     assert not {canonicalize_name(name) for name in planned} & (SLICER_SHIPPED | {"torch"})

@@ -72,7 +72,8 @@ ENGINE_PACKAGES: tuple[PackageSpec, ...] = (
     PackageSpec("einops", ">=0.6", "imported by dynamic-network-architectures and nnunetv2"),
     PackageSpec("blosc2", ">=3", "imported by acvl-utils"),
     PackageSpec("tqdm", ">=4", "imported by nnunetv2"),
-    PackageSpec("matplotlib", ">=3.5", "imported by icon-registration"),
+    PackageSpec("matplotlib", ">=3.7", "report figures; imported by icon-registration"),
+    PackageSpec("packaging", ">=23", "version checks of this installer"),
 )
 
 
