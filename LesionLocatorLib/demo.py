@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LesionLocatorError
-from .image import read_image, write_mask, write_volume
+from .image import read_image, write_volume
 
 SAMPLE_SEED = 7
 GROWTH_PER_FOLLOW_UP = ({1: 1.25, 2: 0.8, 3: 1.0}, {1: 1.5, 2: 0.6, 3: 1.1})

@@ -20,7 +20,7 @@ from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
-    BoxPrompt, MaskPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
+    BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
     point_to_preprocessed, validate_prompt,
 )
 

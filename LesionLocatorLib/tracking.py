@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder

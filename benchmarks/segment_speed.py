@@ -66,7 +66,7 @@ def write_checkpoint_root(root: Path) -> None:
     shutil.copytree(folder, root / "LesionLocatorSeg" / "bbox_optimized")
 
 
-def make_ct(shape_zyx) -> "ImageVolume":
+def make_ct(shape_zyx):
     from LesionLocatorLib.image import ImageVolume
 
     z, y, x = np.ogrid[: shape_zyx[0], : shape_zyx[1], : shape_zyx[2]]

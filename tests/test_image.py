@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from LesionLocatorLib.image import ImageReadError, ImageVolume, read_image, write_mask
 

@@ -9,7 +9,7 @@ import pytest
 
 from LesionLocatorLib import cli
 from LesionLocatorLib.errors import LesionLocatorError, PromptError
-from LesionLocatorLib.image import ImageVolume, read_image, write_mask
+from LesionLocatorLib.image import ImageVolume, read_image
 from LesionLocatorLib.prompts import (
     BoxPrompt, MaskPrompt, PointPrompt, dense_point, load_prompt_json, split_instance_mask,
 )

@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
 from LesionLocatorLib import cli
 from golden import FIXTURES, require
