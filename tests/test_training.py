@@ -184,3 +184,20 @@ def test_train_command_generates_trains_and_exports(tmp_path):
     assert len(list((tmp_path / "work" / "samples").glob("sample_*.npz"))) == 3
     model = load_checkpoint_folder(resolve_task_folder(tmp_path / "model", "box"))
     model.build_network().load_state_dict(model.fold_weights[0], strict=True)
+
+
+@pytest.mark.skipif(not (BUNDLED / MODEL_MANIFEST).is_file(), reason="bundled Lite model not trained yet")
+def test_bundled_model_segments_clear_lung_lesions_from_boxes():
+    from LesionLocatorLib.prompts import BoxPrompt
+    from LesionLocatorLib.segmentation import Segmenter
+    from LesionLocatorLib.synthetic.prompts import bounding_box
+    from LesionLocatorLib.training.validation import dice_score
+
+    rng = np.random.default_rng(1)
+    case = make_case(make_phantom("body_phantom", rng, max_voxels=600_000), rng, 2, diameter_range_mm=(20.0, 30.0),
+                     sites=["lung"])
+    segmenter = Segmenter(BUNDLED, device="cpu")
+    for lesion in case.lesions:
+        mask = case.lesion_mask(lesion.lesion_id)
+        result = segmenter.segment(case.image, {lesion.lesion_id: BoxPrompt(*bounding_box(mask))})
+        assert dice_score(result.masks[lesion.lesion_id], mask) > 0.7
