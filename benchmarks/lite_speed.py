@@ -31,7 +31,7 @@ def make_ct(shift_voxels: int, lesion_radius_mm: float, seed: int) -> ImageVolum
     y = y - shift_voxels
     body = ((y - 256) / 215.0) ** 2 + ((x - 256) / 240.0) ** 2 < 1
     liver = ((y - 230) / 90.0) ** 2 + ((x - 320) / 110.0) ** 2 + ((z - 100) / 60.0) ** 2 < 1
-    array = np.where(body, 30, -1000).astype(np.int16)
+    array = np.broadcast_to(np.where(body, 30, -1000), SHAPE_ZYX).astype(np.int16)
     array[liver] = 60
     array += rng.normal(0, 10, SHAPE_ZYX).astype(np.int16)
     lesion = ((z - LESION_ZYX[0]) * 2.5) ** 2 + ((y - LESION_ZYX[1]) * 0.8) ** 2 + ((x - LESION_ZYX[2]) * 0.8) ** 2

@@ -19,6 +19,8 @@ HISTOGRAM_BINS = 32
 SAMPLING_SEED = 20250
 # Room around a mask's affinely mapped bounding box for what the deformable stage adds.
 NEAR_MARGIN_MM = 25.0
+# Above this many working voxels (e.g. a whole-body CT at 3 mm) demons runs on a 2x coarser grid.
+DEMONS_MAX_VOXELS = 1_500_000
 
 
 class TransformDeformation(Deformation):
@@ -203,6 +205,9 @@ class ClassicalRegistration(Registration):
         self, fixed_image: sitk.Image, moving_image: sitk.Image, affine: sitk.AffineTransform
     ) -> sitk.DisplacementFieldTransform:
         """Residual deformation on the fixed working grid, after the affine stage."""
+        if fixed_image.GetNumberOfPixels() > DEMONS_MAX_VOXELS:
+            # a large field of view: the smooth residual field is found on a 2x coarser grid (about 8x faster)
+            fixed_image = sitk.BinShrink(fixed_image, [2, 2, 2])
         moving_on_fixed = sitk.Resample(moving_image, fixed_image, affine, sitk.sitkLinear, 0.0)
         matched = sitk.HistogramMatching(
             moving_on_fixed, fixed_image, numberOfHistogramLevels=64, numberOfMatchPoints=15,
@@ -238,12 +243,16 @@ def _working_image(volume: ImageVolume, spacing_mm: float) -> sitk.Image:
 
     The [0, 1] range makes the centre-of-mass initialisation meaningful for z-scored inputs with negative values.
     """
-    values = volume.array.astype(np.float32)
-    low, high = np.percentile(values, [0.5, 99.5])
-    scaled = np.clip((values - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
-    image = volume.to_sitk(scaled)
-    # Gaussian anti-aliasing per axis, only as much as the axis is downsampled (zero for already coarse axes).
-    variances_mm2 = [0.25 * max(spacing_mm**2 - s**2, 0.0) for s in volume.spacing_xyz]
+    # the robust range from a subsample: percentiles of every voxel of a large CT cost seconds
+    low, high = np.percentile(volume.array[::2, ::4, ::4], [0.5, 99.5])
+    scaled = np.clip((volume.array.astype(np.float32) - low) / max(float(high - low), 1e-6), 0.0, 1.0)
+    image = volume.to_sitk(scaled.astype(np.float32))
+    # Average whole blocks first where an axis is downsampled 3x or more (cheap anti-aliasing that shrinks the
+    # image), then Gaussian anti-aliasing for what is left of the downsampling, per axis.
+    block = [max(int(spacing_mm / s / 1.5), 1) for s in volume.spacing_xyz]
+    if max(block) > 1:
+        image = sitk.BinShrink(image, block)
+    variances_mm2 = [0.25 * max(spacing_mm**2 - s**2, 0.0) for s in image.GetSpacing()]
     if max(variances_mm2) > 0:
         image = sitk.DiscreteGaussian(image, variances_mm2, maximumKernelWidth=32, useImageSpacing=True)
     extent_mm = np.array(image.GetSize()) * np.array(image.GetSpacing())
