@@ -17,7 +17,7 @@ from scipy import ndimage
 from ..image import ImageVolume
 from .cases import SyntheticCase, make_lesion, random_diameter_mm, render_lesions
 from .deformation import (
-    CompositeTransform, RadialGrowth, RigidTransform, image_center_lps, physical_extent, random_breathing,
+    CompositeTransform, RadialGrowth, RigidTransform, image_center_lps, random_breathing,
     random_rotation_matrix, random_smooth_displacement,
 )
 from .fields import random_directions

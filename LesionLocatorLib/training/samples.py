@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from ..image import ImageVolume
 from ..prediction import centred_tile_start, inclusive_bbox, tile_starts
-from ..preprocessing import Preprocessor
+from ..preprocessing import Preprocessor, centred_region
 from ..prompts import BOX_MARGIN_VOXELS, dense_box, dense_point
 from ..synthetic.backgrounds import Background, load_background
 from ..synthetic.cases import SyntheticCase, make_case
@@ -53,12 +53,7 @@ def crop_region(center_zyx: np.ndarray, image: ImageVolume, config: LiteModelCon
     target_spacing = np.asarray(config.spacing_zyx)
     size_target = np.asarray(config.patch_size_zyx) + 2 * np.asarray(CROP_MARGIN_ZYX)
     half = size_target * target_spacing / np.asarray(image.spacing_zyx) / 2 + 2
-    start = np.floor(center_zyx - half).astype(int)
-    stop = np.ceil(center_zyx + half).astype(int) + 1
-    shape = np.asarray(image.shape_zyx)
-    shift = np.maximum(0, -start) - np.maximum(0, stop - shape)
-    start, stop = np.clip(start + shift, 0, shape), np.clip(stop + shift, 0, shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    return centred_region(center_zyx, half, image.shape_zyx)
 
 
 def _centred_crop(array: np.ndarray, center: np.ndarray, size: np.ndarray) -> tuple[slice, ...]:
