@@ -149,8 +149,8 @@ def test_presets_and_options(image):
 def test_cli_never_overwrites_and_can_continue(tmp_path: Path, capsys):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"1": {"point": list(LESION_1_ZYX)}, "2": {"point": [0, 0, 999]}}))
-    command = ["segment", "-i", str(IMAGE), "-p", str(prompts), "-o", str(tmp_path / "out"), "-t", "point",
-               "-m", str(TINY), "-device", "cpu", "--preset", "fast", "--disable_progress_bar"]
+    command = ["segment", "-i", str(require(IMAGE)), "-p", str(prompts), "-o", str(tmp_path / "out"), "-t", "point",
+               "-m", str(require(TINY)), "-device", "cpu", "--preset", "fast", "--disable_progress_bar"]
     assert cli.main(command) == 1  # lesion 2 failed, reported, lesion 1 written
     assert "lesion 2 skipped" in capsys.readouterr().err
     written = tmp_path / "out" / "A_ts1_lesion_1.nii.gz"
