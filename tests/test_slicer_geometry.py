@@ -61,11 +61,6 @@ def homogeneous(points) -> np.ndarray:
     return np.c_[points, np.ones(len(points))]
 
 
-@pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
 def test_oblique_anisotropic_volume_maps_index_to_ras_exactly_both_ways(scene):
     ijkToRAS = obliqueIJKToRAS()
     node = addVolume(scene, ijkToRAS)

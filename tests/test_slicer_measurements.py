@@ -15,11 +15,6 @@ from test_slicer_segments import addTimepoint, applyMask, cube  # noqa: E402
 
 
 @pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-@pytest.fixture
 def twoScansTwoLesions(scene):
     """Lesion 1 on both scans (grows), lesion 2 only on the baseline; the follow-up is under a transform."""
     logic = LesionTrackingLogic(scene)

@@ -16,11 +16,6 @@ from test_slicer_geometry import addLinearTransform, rigid, rotation  # noqa: E4
 
 
 @pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-@pytest.fixture
 def transformedVolume(scene):
     """An oblique, anisotropic 20x30x40 volume under a rigid transform."""
     image = ImageVolume(np.zeros((20, 30, 40), np.int16), (0.8, 0.6, 2.5), (10.0, 20.0, -30.0), rotation([1, 1, 0], 20))

@@ -24,11 +24,6 @@ SHAPE_ZYX = (12, 16, 20)
 
 
 @pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-@pytest.fixture
 def logic(scene):
     return LesionTrackingLogic(scene)
 

@@ -48,11 +48,6 @@ class InjectedEngines:
         return self._tracker
 
 
-@pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
 def logicWith(scene, tracker) -> LesionTrackingLogic:
     logic = LesionTrackingLogic(scene)
     logic.engines = InjectedEngines(tracker)
