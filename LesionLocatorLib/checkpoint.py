@@ -69,22 +69,20 @@ def _read_json(path: Path) -> dict:
 
 
 def resolve_configuration(plans: dict, name: str) -> dict:
-    """The plans configuration `name` with its `inherits_from` chain resolved (child keys win)."""
-    configurations = plans.get("configurations", {})
-    chain: list[dict] = []
-    current = name
-    while current is not None:
-        if current not in configurations:
-            raise CheckpointError(f"Configuration '{current}' is not in plans.json (have: {sorted(configurations)}).")
-        if any(c is configurations[current] for c in chain):
-            raise CheckpointError(f"plans.json: configuration '{name}' has a circular inherits_from chain.")
-        chain.append(configurations[current])
-        current = configurations[current].get("inherits_from")
-    resolved: dict = {}
-    for configuration in reversed(chain):
-        resolved.update(configuration)
-    resolved.pop("inherits_from", None)
-    return resolved
+    """The plans configuration `name` with its `inherits_from` chain resolved (child keys win), by nnU-Net's own
+    plans handling."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    try:
+        configuration = dict(PlansManager(plans).get_configuration(name).configuration)
+    except RuntimeError as error:
+        if "Circular" in str(error):
+            raise CheckpointError(f"plans.json: configuration '{name}' has a circular inherits_from chain.") from error
+        raise CheckpointError(f"plans.json: {error}") from error
+    except ValueError as error:  # a parent configuration that does not exist
+        raise CheckpointError(f"plans.json: {error}") from error
+    configuration.pop("inherits_from", None)
+    return configuration
 
 
 @dataclass

@@ -87,10 +87,6 @@ class ImageVolume:
     def ras_to_index_zyx(self, point_ras) -> np.ndarray:
         return self.lps_to_index_zyx(np.asarray(point_ras, dtype=float) @ LPS_TO_RAS)
 
-    def contains_index(self, index_zyx) -> bool:
-        idx = np.asarray(index_zyx, dtype=float)
-        return bool(np.all(idx > -0.5) and np.all(idx < np.asarray(self.shape_zyx) - 0.5))
-
     # --- SimpleITK ------------------------------------------------------------------------------------------
     @classmethod
     def from_sitk(cls, image: sitk.Image, name: str = "") -> "ImageVolume":

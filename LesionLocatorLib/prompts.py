@@ -71,10 +71,6 @@ def _physical_to_index_zyx(image: ImageVolume, points, space: str) -> np.ndarray
     raise PromptError(f"Unknown coordinate space '{space}'; use 'LPS' or 'RAS'.")
 
 
-def prompt_kind(prompt: Prompt) -> str:
-    return {PointPrompt: "point", BoxPrompt: "box", MaskPrompt: "mask"}[type(prompt)]
-
-
 # --- validation -----------------------------------------------------------------------------------------------
 def validate_prompt(prompt: Prompt, shape_zyx: tuple[int, int, int]) -> Prompt:
     """Check a prompt against the image; a box partly outside is clipped. Raises PromptError."""
