@@ -57,6 +57,7 @@ class MaskPrompt:
     """A binary mask of one lesion on the original image grid (z, y, x)."""
 
     mask: np.ndarray
+    from_instance_map: bool = False  # one id of a lesion instance map (the official tracker treats those differently)
 
 
 Prompt = Union[PointPrompt, BoxPrompt, MaskPrompt]

@@ -31,6 +31,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--registration", choices=("auto", "gradicon", "classical"), default="auto",
                         help="auto: the model's network if it has one, else classical (SimpleITK)")
+    parser.add_argument("--official_list_prompts", action="store_true",
+                        help="reproduce the official outputs where it reads lesions from per-lesion mask files "
+                             "(lists, point/box, later follow-ups): the area outside the body then enters the prompt "
+                             "and shifts the U-Net patch; off: the patch is centred on the lesion")
     add_model_options(parser)
 
 
@@ -49,7 +53,7 @@ def read_track_prompts(paths: list[str], prompt_type: str, baseline: ImageVolume
         if mask.shape_zyx != baseline.shape_zyx:
             raise PromptError(f"Mask {path} has shape {mask.shape_zyx}; the baseline {baseline.shape_zyx}.")
     if len(masks) == 1:
-        return {k: MaskPrompt(v) for k, v in split_instance_mask(masks[0].array).items()}, {}
+        return {k: MaskPrompt(v, from_instance_map=True) for k, v in split_instance_mask(masks[0].array).items()}, {}
     # a list of per-lesion masks: lesion k is the k-th file in natural order (official numbering)
     return {k: MaskPrompt(m.array > 0) for k, m in enumerate(masks, start=1)}, {}
 
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.from_folder(resolve_model_root(args.model), device=args.device, preset=args.preset,
                                   folds=args.folds, use_tta=False if args.disable_tta else None,
-                                  registration=args.registration)
+                                  registration=args.registration, official_list_prompts=args.official_list_prompts)
     result = tracker.track(images, prompts, progress=stderr_progress(not args.disable_progress_bar))
     (output / "prompts").mkdir(exist_ok=True)
     for lesion_id, history in result.lesions.items():

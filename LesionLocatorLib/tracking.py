@@ -5,6 +5,12 @@ differ a lot, registered ONCE (per fold and mirror when ensembling), and every l
 warped with that one deformation; a U-Net patch around each warped mask's centre of mass then segments the lesion
 in the later scan. A lesion whose warped mask or prediction is empty is reported as not found (the official code
 guesses a random location instead). All arrays are (z, y, x).
+
+`official_list_prompts` reproduces one more official quirk, off by default: wherever the official tracker reads a
+lesion from its own mask file (a list of masks, point/box prompts, every pair after the first) nnU-Net's
+preprocessing labels the voxels outside the earlier scan's body (value 0, connected to the border) -1 in that
+mask. The -1 voxels are warped and fed to the U-Net with the lesion, and they pull the patch centre (the mean
+position of the prompt's non-zero voxels) away from the lesion.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from scipy import ndimage
 
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
@@ -165,7 +172,8 @@ class Tracker:
 
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, registration: str | Registration = "auto",
-                 segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto"):
+                 segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto",
+                 official_list_prompts: bool = False):
         check_preset(preset)
         if mode not in TRACKING_MODES:
             raise LesionLocatorError(f"Unknown tracking mode '{mode}'; use one of {TRACKING_MODES}.")
@@ -179,6 +187,10 @@ class Tracker:
         # exact: the official pipeline (scans stretched to the network grid, mirrored registrations); roi: a
         # geometry-aware registration on the original scans and the U-Net on a window around the warped lesion
         self.mode = mode if mode != "auto" else ("exact" if registrations[0].name == "gradicon" else "roi")
+        if official_list_prompts and self.mode != "exact":
+            raise LesionLocatorError("official_list_prompts reproduces the official pipeline: use mode='exact' "
+                                     "(a model with a registration network).")
+        self.official_list_prompts = official_list_prompts
         settings = PredictionSettings(self.device, use_tta=self.use_tta and self.mode == "roi", mirror_axes=(0, 1, 2))
         self.folds = [TrackFold(self.model, weights, reg, settings)
                       for weights, reg in zip(self.model.fold_weights.values(), registrations)]
@@ -236,8 +248,9 @@ class Tracker:
     # --- one step ----------------------------------------------------------------------------------------------
     def track_step(self, earlier: ImageVolume, later: ImageVolume, masks: dict[int, np.ndarray],
                    progress: Progress | None = None, cancel_event: threading.Event | None = None,
-                   timepoint: int = 1) -> dict[int, LesionAtTimepoint]:
-        """Masks of the earlier scan (on its grid) -> each lesion on the later scan."""
+                   timepoint: int = 1, outside_labelled: frozenset[int] = frozenset()) -> dict[int, LesionAtTimepoint]:
+        """Masks of the earlier scan (on its grid) -> each lesion on the later scan. Lesions in `outside_labelled`
+        get the official list-path prompt (see the module docstring; exact mode only)."""
         report = progress or (lambda fraction, stage: None)
         for lesion_id, mask in masks.items():
             if tuple(mask.shape) != earlier.shape_zyx:
@@ -248,6 +261,7 @@ class Tracker:
         scan0, scan1 = self.scan(earlier), self.scan(later)
         check_cancel(cancel_event)
         prompts_pre = self._masks_in_preprocessed_space(masks, scan0)
+        prompts_pre.update({k: self._official_list_prompt(masks[k], scan0) for k in outside_labelled if k in masks})
         windows = z_alignment_windows(scan0.pre.data[0], scan1.pre.data[0])
         window_shape = scan1.pre.data[0, windows[1]].shape
         sums = {lesion_id: np.zeros(window_shape, np.float32) for lesion_id in masks}
@@ -260,10 +274,12 @@ class Tracker:
             fixed = np.flip(scan1.pre.data[:, windows[1]], tuple(a + 1 for a in axes)) if axes else scan1.pre.data[:, windows[1]]
             for lesion_id, prompt in prompts_pre.items():
                 check_cancel(cancel_event)
-                moving_mask = np.flip(prompt[windows[0]], axes) if axes else prompt[windows[0]]
-                warped = deformation.warp_mask(moving_mask)
+                moving = np.flip(prompt[windows[0]], axes) if axes else prompt[windows[0]]
+                warped = deformation.warp_mask(moving > 0)
                 if not np.any(warped):
                     continue
+                if moving.dtype == np.int8:  # nearest-neighbour warping moves each label's voxels independently
+                    warped = warped.astype(np.int8) - deformation.warp_mask(moving < 0).astype(np.int8)
                 difference = self._unet_difference(self.folds[fold], np.ascontiguousarray(fixed), warped)
                 sums[lesion_id] += np.flip(difference, axes) if axes else difference
                 counts[lesion_id] += 1
@@ -346,9 +362,17 @@ class Tracker:
             resampled[lesion_id] = grid_mask
         return resampled
 
+    def _official_list_prompt(self, mask: np.ndarray, scan: TrackScan) -> np.ndarray:
+        """The lesion as the official list path preprocesses its mask file: 1 in the lesion, -1 outside the scan's
+        body (nnU-Net's crop_to_nonzero label), resampled with the plans' segmentation resampling (int8 grid)."""
+        _, labels, _ = crop_to_nonzero(scan.image.array[None], (mask > 0).astype(np.int8)[None])
+        return self.preprocessor.resample_segmentation(labels[0].astype(np.int8), scan.image.spacing_zyx,
+                                                       scan.pre.grid_shape_zyx)
+
     def _unet_difference(self, fold: TrackFold, fixed_czyx: np.ndarray, warped_zyx: np.ndarray) -> np.ndarray:
-        """One U-Net patch centred on the warped mask's rounded centre of mass; background elsewhere."""
-        centre = np.round(ndimage.center_of_mass(warped_zyx)).astype(int)
+        """One U-Net patch centred on the mean position of the warped prompt's non-zero voxels (for a binary mask:
+        its centre of mass), rounded; background elsewhere."""
+        centre = np.round(np.argwhere(warped_zyx).mean(axis=0)).astype(int)
         logits, region = fold.predictor.predict(fixed_czyx, warped_zyx.astype(np.float32), centre_zyx=centre)
         difference = np.full(fixed_czyx.shape[1:], OUTSIDE_FG_MINUS_BG, np.float32)
         difference[region] = logits[1] - logits[0]
@@ -381,6 +405,7 @@ class Tracker:
         report = progress or (lambda fraction, stage: None)
         steps = len(timepoints)
         lesions: dict[int, list[LesionAtTimepoint]] = {lesion_id: [] for lesion_id in prompts}
+        from_instance_map = {k for k, p in prompts.items() if isinstance(p, MaskPrompt) and p.from_instance_map}
         for t, image in enumerate(timepoints):
             check_cancel(cancel_event)
             stage = lambda fraction, text, t=t: report((t + fraction) / steps, f"timepoint {t + 1}/{steps}: {text}")
@@ -390,7 +415,7 @@ class Tracker:
                                                                  message="first prompted at a later timepoint")
                                                for earlier in range(t)])
             current = self._prompted(t, image, prompted, stage, cancel_event)
-            current.update(self._tracked(t, timepoints, lesions, set(prompted), stage, cancel_event))
+            current.update(self._tracked(t, timepoints, lesions, set(prompted), from_instance_map, stage, cancel_event))
             for lesion_id, record in current.items():
                 lesions[lesion_id].append(record)
         report(1.0, "done")
@@ -411,7 +436,7 @@ class Tracker:
             records[lesion_id] = lesion_record(lesion_id, t, image, mask, "prompted", message)
         return records
 
-    def _tracked(self, t: int, timepoints, lesions, prompted: set, stage, cancel_event) -> dict:
+    def _tracked(self, t: int, timepoints, lesions, prompted: set, from_instance_map: set, stage, cancel_event) -> dict:
         """Lesions not prompted at t, tracked from the last timepoint where each was found."""
         by_source: dict[int, dict[int, np.ndarray]] = {}
         records = {}
@@ -425,5 +450,8 @@ class Tracker:
                 continue
             by_source.setdefault(found[-1].timepoint, {})[lesion_id] = found[-1].mask
         for source, masks in sorted(by_source.items()):
-            records.update(self.track_step(timepoints[source], timepoints[t], masks, stage, cancel_event, t))
+            # the official tracker reads every lesion from its own file except those of a baseline instance map
+            list_path = frozenset(k for k in masks if source > 0 or k not in from_instance_map)
+            records.update(self.track_step(timepoints[source], timepoints[t], masks, stage, cancel_event, t,
+                                           list_path if self.official_list_prompts else frozenset()))
         return records

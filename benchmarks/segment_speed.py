@@ -5,7 +5,9 @@ random weights in the official format, then segments one point-prompted lesion i
 each in its own process, and prints wall time and peak memory of the segment() call and the ratios exact/roi
 measured in this one run. It also prints the share of the roi time spent in the network pass.
 
-    python benchmarks/segment_speed.py [--work DIR] [--threads N] [--shape-zyx 400 512 512]
+    python benchmarks/segment_speed.py [--work DIR] [--threads N] [--shape-zyx 400 512 512] [--bf16]
+
+--bf16 runs the network pass of both modes with bfloat16 autocast on the CPU (the engine's opt-in `cpu_bf16`).
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ def _memory_kib(field: str) -> int:
     return 0
 
 
-def measure(mode: str, root: str, shape_zyx, threads: int, queue) -> None:
+def measure(mode: str, root: str, shape_zyx, threads: int, bf16: bool, queue) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -93,7 +95,7 @@ def measure(mode: str, root: str, shape_zyx, threads: int, queue) -> None:
     from LesionLocatorLib.segmentation import Segmenter
 
     image = make_ct(shape_zyx)
-    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast", mode=mode)
+    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast", mode=mode, cpu_bf16=bf16)
     model = segmenter.model_for("point")
     network_seconds = []
     predict_tile = model.predictor._predict_tile
@@ -118,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="folder for the random checkpoint (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network pass (both modes)")
     parser.add_argument("--shape-zyx", type=int, nargs=3, default=[400, 512, 512],
                         help="CT size; the exact mode needs ~18 GB RAM at the default, use 250 512 512 on 16 GB")
     args = parser.parse_args()
@@ -129,7 +132,7 @@ def main() -> None:
     results = {}
     for mode in ("roi", "exact"):
         queue = context.Queue()
-        process = context.Process(target=measure, args=(mode, str(root), tuple(args.shape_zyx), args.threads, queue))
+        process = context.Process(target=measure, args=(mode, str(root), tuple(args.shape_zyx), args.threads, args.bf16, queue))
         start = time.perf_counter()
         process.start()
         process.join()
@@ -142,7 +145,8 @@ def main() -> None:
         print(f"{mode:5s}: {r['wall_s']:7.1f} s (network {r['network_s']:.1f} s), peak +{r['peak_extra_mib']:.0f} MiB "
               f"(total {r['peak_total_mib']:.0f} MiB), lesion voxels {r['lesion_voxels']}", flush=True)
     roi, exact = results["roi"], results["exact"]
-    print(f"image {tuple(args.shape_zyx)} (z,y,x) at 0.8x0.8x2.5 mm, ResEnc-L random weights, patch {PATCH_ZYX}, preset fast")
+    print(f"image {tuple(args.shape_zyx)} (z,y,x) at 0.8x0.8x2.5 mm, ResEnc-L random weights, patch {PATCH_ZYX}, preset fast, "
+          f"network in {'bfloat16' if args.bf16 else 'float32'}, {args.threads} threads")
     print(f"ratio exact/roi: wall time {exact['wall_s'] / roi['wall_s']:.1f}x, peak memory {exact['peak_extra_mib'] / max(roi['peak_extra_mib'], 1):.1f}x")
     print(f"roi mode: network pass {100 * roi['network_s'] / roi['wall_s']:.0f}% of the time")
     sys.stdout.flush()

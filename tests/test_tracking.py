@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from LesionLocatorLib.errors import Cancelled
+from LesionLocatorLib.errors import Cancelled, LesionLocatorError
 from LesionLocatorLib.image import ImageVolume, read_image
 from LesionLocatorLib.preprocessing import nonzero_bounding_box
 from LesionLocatorLib.prompts import MaskPrompt, PointPrompt
@@ -153,3 +154,48 @@ def test_caches_are_bounded():
     assert cache["a"] == 1  # 'a' is now the most recent
     cache["c"] = 3
     assert list(cache) == ["a", "c"]
+
+
+def patch_centres(tracker: Tracker) -> list[np.ndarray]:
+    """Records the U-Net patch centre of every tracking pass."""
+    predictor = tracker.folds[0].predictor
+    centres, predict = [], predictor.predict
+
+    def recording(image, prompt, **options):
+        centres.append(np.asarray(options["centre_zyx"]))
+        return predict(image, prompt, **options)
+
+    predictor.predict = recording
+    return centres
+
+
+def test_official_list_prompts_carry_the_outside_label_and_pull_the_patch(scans):
+    """The official list path: voxels outside the earlier scan's body (zeros connected to the border) enter the
+    prompt as -1 and the patch centre is the mean position of the prompt's non-zero voxels. Baseline instance-map
+    lesions keep the plain mask; by default every lesion does."""
+    def with_empty_corner(scan: ImageVolume) -> ImageVolume:  # at low x, inside the non-zero box: outside the body
+        array = scan.array.copy()
+        array[:, :40, :6] = 0
+        return replace(scan, array=array)
+
+    baseline, followup = with_empty_corner(scans[0]), with_empty_corner(scans[1])
+    mask = lesion_masks(baseline, {1: (24, 33, 40)}, radius=4)[1]
+    centres = {}
+    for name, official, from_map in (("default", False, False), ("list", True, False), ("map", True, True)):
+        tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(),
+                          mode="exact", official_list_prompts=official)
+        recorded = patch_centres(tracker)
+        result = tracker.track([baseline, followup, scans[2]], {1: MaskPrompt(mask > 0, from_instance_map=from_map)})
+        assert all(r.found for r in result.lesions[1])
+        centres[name] = recorded
+    scan = Tracker(TINY, device="cpu", folds=[0], registration=CountingRegistration()).scan(baseline)
+    lesion_x = (40 + 0.5) * scan.pre.scale_zyx[2] - 0.5
+    assert abs(centres["default"][0][2] - lesion_x) <= 2  # centred on the lesion
+    assert centres["list"][0][2] < lesion_x - 10  # pulled towards the empty corner
+    assert np.array_equal(centres["map"][0], centres["default"][0])  # an instance map is read without the label
+    assert centres["map"][1][2] < centres["default"][1][2] - 10  # ...but the next pair reads the written file
+
+
+def test_official_list_prompts_need_the_exact_pipeline():
+    with pytest.raises(LesionLocatorError, match="exact"):
+        Tracker(TINY, device="cpu", folds=[0], registration="classical", official_list_prompts=True)

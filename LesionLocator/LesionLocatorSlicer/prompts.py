@@ -7,11 +7,15 @@ coordinates, which applies the markup's own parent transform.
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from LesionLocatorLib.errors import PromptError
 from LesionLocatorLib.image import ImageVolume
+
+if TYPE_CHECKING:
+    from LesionLocatorLib.prompts import BoxPrompt
 
 ROUNDING_TOLERANCE = 1e-6  # a face through a voxel centre keeps that voxel despite floating-point error
 FLAT_FRACTION = 0.1  # an ROI side shorter than this fraction of the longest one was drawn in a slice view
@@ -24,7 +28,7 @@ def pointPromptFromWorld(image: ImageVolume, pointRAS):
     return PointPrompt(tuple(float(v) for v in indexZYX))
 
 
-def boxPromptFromWorldCorners(image: ImageVolume, cornersRAS) -> "BoxPrompt":
+def boxPromptFromWorldCorners(image: ImageVolume, cornersRAS) -> BoxPrompt:
     """The half-open voxel box of the voxel centres inside the box spanned by `cornersRAS` (any number of points,
     so a box rotated relative to the voxel axes, e.g. an ROI drawn in an oblique view, works too). A box thinner
     than a voxel keeps the voxel it crosses."""

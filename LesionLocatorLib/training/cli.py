@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import LesionLocatorError
 from .plans import LiteModelConfig
-from .samples import TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
+from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
 from .trainer import TrainingOptions, export_model, train
 
 
@@ -41,6 +41,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                         help="train on smaller patches than the plans' patch (cheaper steps; default: the plans')")
     parser.add_argument("--init-from", help="start from these weights: a model root or a checkpoint file")
+    parser.add_argument("--prompt-mix", type=float, nargs=3, metavar=("POINT", "BOX", "MASK"),
+                        default=list(DEFAULT_PROMPT_MIX), help="relative frequency of the simulated prompt kinds")
     parser.add_argument("--no-deep-supervision", action="store_true", help="loss on the full-resolution output only")
     parser.add_argument("--features", type=int, nargs="+", default=list(LiteModelConfig.features_per_stage))
     parser.add_argument("--blocks", type=int, nargs="+", default=list(LiteModelConfig.blocks_per_stage))
@@ -63,6 +65,12 @@ def _background_weights(entries: list[str]) -> dict[str, float]:
         except ValueError as error:
             raise LesionLocatorError(f"--backgrounds: '{entry}' is not NAME=WEIGHT.") from error
     return weights
+
+
+def _prompt_mix(values: list[float]) -> tuple[float, float, float]:
+    if min(values) < 0 or sum(values) <= 0:
+        raise LesionLocatorError("--prompt-mix: give three non-negative weights (point box mask), not all zero.")
+    return tuple(values)
 
 
 def _cache_progress(done: int, total: int) -> None:
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                               device=args.device, threads=args.threads,
                               time_limit_s=None if args.time_limit_min is None else 60 * args.time_limit_min,
                               patch_size_zyx=tuple(args.train_patch_size) if args.train_patch_size else None,
-                              deep_supervision=not args.no_deep_supervision,
+                              deep_supervision=not args.no_deep_supervision, prompt_mix=_prompt_mix(args.prompt_mix),
                               init_weights=str(args.init_from) if args.init_from else None)
     try:
         network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size)
