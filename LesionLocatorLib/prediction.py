@@ -135,13 +135,15 @@ class PatchPredictor:
         padded, unpad = pad_nd_image(stacked, self.patch_size, "constant", {"constant_values": 0}, True)
         if centre_zyx is None:
             prompt_min, prompt_max = inclusive_bbox(padded[-1] > 0)
-            starts = tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max, self.settings.step_size)
-            if len(starts) > 1 and grid is not None and padded.shape[1:] == image_czyx.shape[1:]:
+            fits_one_patch = np.all(prompt_max - prompt_min + 1 <= self.patch_size)
+            if grid is not None and not fits_one_patch and padded.shape[1:] == image_czyx.shape[1:]:
                 offset = np.asarray(grid[0])
                 starts = [tuple(np.asarray(s) - offset) for s in tile_starts(
                     grid[1], self.patch_size, prompt_min + offset, prompt_max + offset, self.settings.step_size)]
                 if np.min(starts) < 0 or np.any(np.max(starts, axis=0) + self.patch_size > padded.shape[1:]):
                     raise LesionLocatorError("Internal error: the preprocessed window does not hold every tile.")
+            else:
+                starts = tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max, self.settings.step_size)
         else:
             starts = [centred_tile_start(np.asarray(centre_zyx) + [s.start for s in unpad[1:]], padded.shape[1:],
                                          self.patch_size)]

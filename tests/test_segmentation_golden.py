@@ -67,3 +67,14 @@ def test_matches_official_outputs(run_id: str, mode: str, tmp_path: Path):
         assert np.allclose(ours.GetDirection(), official.GetDirection())
         score = dice(sitk.GetArrayFromImage(ours), golden_mask(expected_run, name))
         assert score >= MIN_DICE[mode], f"{name}: Dice {score:.4f}"
+
+
+@pytest.mark.parametrize("run_id", ["A02_ts1_point_f0_notta", "A05_ts1_box_f0_notta"])
+def test_cpu_bfloat16_stays_close_to_the_official_outputs(run_id: str, tmp_path: Path):
+    """--bf16 (opt-in bfloat16 autocast on the CPU) changes only boundary voxels."""
+    require(FIXTURES / "manifest.json")
+    assert cli.main(our_command(run_id, tmp_path, "roi") + ["--bf16"]) == 0
+    for output in runs()[run_id]["outputs"]:
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / output["file"])))
+        score = dice(ours, golden_mask(run_id, output["file"]))
+        assert score >= MIN_DICE["roi"], f"{output['file']}: Dice {score:.4f}"

@@ -37,15 +37,20 @@ class SyntheticCase:
         return self.instance_map == lesion_id
 
     def lesion(self, lesion_id: int) -> SyntheticLesion:
-        for lesion in self.lesions:
-            if lesion.lesion_id == lesion_id:
-                return lesion
-        raise KeyError(f"No lesion {lesion_id} in case '{self.name}'.")
+        return find_lesion(self.lesions, lesion_id, f"case '{self.name}'")
 
 
-def random_diameter_mm(rng: np.random.Generator, diameter_range_mm: tuple[float, float]) -> float:
-    """Log-uniform: small lesions as often per octave as large ones."""
-    return float(np.exp(rng.uniform(np.log(diameter_range_mm[0]), np.log(diameter_range_mm[1]))))
+def find_lesion(lesions: Sequence, lesion_id: int, where: str):
+    """The entry of `lesions` with this `lesion_id`."""
+    for lesion in lesions:
+        if lesion.lesion_id == lesion_id:
+            return lesion
+    raise KeyError(f"No lesion {lesion_id} in {where}.")
+
+
+def log_uniform(rng: np.random.Generator, value_range: tuple[float, float]) -> float:
+    """Log-uniform, e.g. diameters: small lesions as often per octave as large ones."""
+    return float(np.exp(rng.uniform(np.log(value_range[0]), np.log(value_range[1]))))
 
 
 def make_lesion(background: Background, rng: np.random.Generator, lesion_id: int, site: str, diameter_mm: float,
@@ -95,7 +100,7 @@ def make_case(background: Background, rng: np.random.Generator, lesion_count: in
             break
         site = str(rng.choice(available))
         taken = [(lesion.center_lps, lesion.shape.extent_mm) for lesion in lesions]
-        lesion = make_lesion(background, rng, len(lesions) + 1, site, random_diameter_mm(rng, diameter_range_mm), taken)
+        lesion = make_lesion(background, rng, len(lesions) + 1, site, log_uniform(rng, diameter_range_mm), taken)
         if lesion is not None:
             lesions.append(lesion)
     array = background.image.array.copy()

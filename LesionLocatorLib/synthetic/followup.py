@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..image import ImageVolume
-from .cases import SyntheticCase, make_lesion, random_diameter_mm, render_lesions
+from .cases import SyntheticCase, find_lesion, log_uniform, make_lesion, render_lesions
 from .deformation import (
     CompositeTransform, RadialGrowth, RigidTransform, image_center_lps, random_breathing,
     random_rotation_matrix, random_smooth_displacement,
@@ -72,14 +72,7 @@ class SyntheticFollowUp:
         return self.instance_map == lesion_id
 
     def lesion(self, lesion_id: int) -> FollowUpLesion:
-        for lesion in self.lesions:
-            if lesion.lesion_id == lesion_id:
-                return lesion
-        raise KeyError(f"No lesion {lesion_id} in this follow-up.")
-
-
-def _log_uniform(rng: np.random.Generator, value_range: tuple[float, float]) -> float:
-    return float(np.exp(rng.uniform(np.log(value_range[0]), np.log(value_range[1]))))
+        return find_lesion(self.lesions, lesion_id, "this follow-up")
 
 
 def follow_up_grid(baseline: ImageVolume, rng: np.random.Generator, options: FollowUpOptions) -> ImageVolume:
@@ -144,7 +137,7 @@ def _growth_factors(case: SyntheticCase, rng: np.random.Generator, options: Foll
         elif rng.random() < options.disappear_probability:
             factors[lesion.lesion_id] = 0.0
         else:
-            factors[lesion.lesion_id] = _log_uniform(rng, options.growth_range)
+            factors[lesion.lesion_id] = log_uniform(rng, options.growth_range)
     return factors
 
 
@@ -155,7 +148,7 @@ def _new_lesions(case: SyntheticCase, rng: np.random.Generator, options: FollowU
     new = []
     sites = case.background.available_sites()
     for _ in range(count):
-        diameter = random_diameter_mm(rng, options.new_lesion_diameter_range_mm)
+        diameter = log_uniform(rng, options.new_lesion_diameter_range_mm)
         lesion = make_lesion(case.background, rng, next_id, str(rng.choice(sites)), diameter, taken)
         if lesion is not None:
             new.append(lesion)
