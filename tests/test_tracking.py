@@ -197,5 +197,6 @@ def test_official_list_prompts_carry_the_outside_label_and_pull_the_patch(scans)
 
 
 def test_official_list_prompts_need_the_exact_pipeline():
+    require(TINY / "LesionLocatorTrack")
     with pytest.raises(LesionLocatorError, match="exact"):
         Tracker(TINY, device="cpu", folds=[0], registration="classical", official_list_prompts=True)
