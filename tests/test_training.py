@@ -201,3 +201,21 @@ def test_bundled_model_segments_clear_lung_lesions_from_boxes():
         mask = case.lesion_mask(lesion.lesion_id)
         result = segmenter.segment(case.image, {lesion.lesion_id: BoxPrompt(*bounding_box(mask))})
         assert dice_score(result.masks[lesion.lesion_id], mask) > 0.7
+
+
+def test_size_weighting_draws_large_lesions_more_often(tiny_samples, tmp_path):
+    from LesionLocatorLib.training.trainer import SamplePool
+
+    for index, sample in enumerate(tiny_samples):
+        save_sample(tmp_path, index, sample)
+    sizes = [int(s.target.sum()) for s in tiny_samples]
+    largest = int(np.argmax(sizes))
+
+    def share_of_largest(alpha: float) -> float:
+        pool = SamplePool(tmp_path, len(tiny_samples), np.random.default_rng(0), size_weighting=alpha)
+        drawn = [int(s.target.sum()) for s in pool.draw(3000)]
+        return drawn.count(sizes[largest]) / len(drawn)
+
+    uniform, weighted = share_of_largest(0.0), share_of_largest(1.0)
+    assert abs(uniform - 1 / len(tiny_samples)) < 0.05
+    assert abs(weighted - sizes[largest] / sum(sizes)) < 0.05 and weighted > uniform

@@ -43,6 +43,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", help="start from these weights: a model root or a checkpoint file")
     parser.add_argument("--prompt-mix", type=float, nargs=3, metavar=("POINT", "BOX", "MASK"),
                         default=list(DEFAULT_PROMPT_MIX), help="relative frequency of the simulated prompt kinds")
+    parser.add_argument("--size-weighting", type=float, default=0.0, metavar="ALPHA",
+                        help="draw lesions with probability ~ voxels^ALPHA (e.g. 0.2: large lesions more often)")
     parser.add_argument("--no-deep-supervision", action="store_true", help="loss on the full-resolution output only")
     parser.add_argument("--features", type=int, nargs="+", default=list(LiteModelConfig.features_per_stage))
     parser.add_argument("--blocks", type=int, nargs="+", default=list(LiteModelConfig.blocks_per_stage))
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                               time_limit_s=None if args.time_limit_min is None else 60 * args.time_limit_min,
                               patch_size_zyx=tuple(args.train_patch_size) if args.train_patch_size else None,
                               deep_supervision=not args.no_deep_supervision, prompt_mix=_prompt_mix(args.prompt_mix),
+                              size_weighting=args.size_weighting,
                               init_weights=str(args.init_from) if args.init_from else None)
     try:
         network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size)

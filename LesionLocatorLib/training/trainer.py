@@ -40,6 +40,7 @@ class TrainingOptions:
     time_limit_s: float | None = None  # stop (resumable) after this much wall time in this run
     prompt_mix: tuple[float, float, float] = DEFAULT_PROMPT_MIX  # point, box, previous mask
     samples_in_memory: int = 400  # cached samples held in RAM at once (a random subset, refreshed)
+    size_weighting: float = 0.0  # draw a sample with probability ~ (lesion voxels)^size_weighting; 0: uniform
     patch_size_zyx: tuple[int, int, int] | None = None  # training patch; None: the plans' (inference) patch
     deep_supervision: bool = True  # nnU-Net's multi-scale loss (the saved network has the same weights either way)
     init_weights: str | None = None  # start from these weights (model root, model folder or checkpoint file)
@@ -88,28 +89,36 @@ def poly_learning_rate(step: int, options: TrainingOptions) -> float:
 
 class SamplePool:
     """A random subset of the cached samples in memory; one member is replaced every few steps, and the cache
-    folder is re-read now and then, so training can start while samples are still being generated."""
+    folder is re-read now and then, so training can start while samples are still being generated.
+    `size_weighting` > 0 draws large lesions more often (the log-uniform diameters make them rare)."""
 
-    def __init__(self, cache: Path, size: int, rng: np.random.Generator, max_samples: int | None = None):
+    def __init__(self, cache: Path, size: int, rng: np.random.Generator, max_samples: int | None = None,
+                 size_weighting: float = 0.0):
         self.cache = Path(cache)
         self.max_samples = max_samples
         self.rng = rng
+        self.size_weighting = size_weighting
         self.rescan()
         if not self.paths:
             raise LesionLocatorError(f"The training sample cache {self.cache} is empty; generate samples first.")
         chosen = rng.choice(len(self.paths), size=min(size, len(self.paths)), replace=False)
         self.samples: list[TrainingSample] = [load_sample(self.paths[i]) for i in chosen]
+        self.lesion_voxels = np.array([s.target.sum() for s in self.samples], float)
 
     def rescan(self) -> None:
         self.paths = cached_sample_paths(self.cache)[: self.max_samples]
 
     def draw(self, count: int) -> list[TrainingSample]:
-        return [self.samples[i] for i in self.rng.integers(len(self.samples), size=count)]
+        if self.size_weighting == 0:
+            return [self.samples[i] for i in self.rng.integers(len(self.samples), size=count)]
+        weights = np.maximum(self.lesion_voxels, 1.0) ** self.size_weighting
+        return [self.samples[i] for i in self.rng.choice(len(self.samples), size=count, p=weights / weights.sum())]
 
     def refresh_one(self) -> None:
         if len(self.paths) > len(self.samples):
-            self.samples[int(self.rng.integers(len(self.samples)))] = load_sample(
-                self.paths[int(self.rng.integers(len(self.paths)))])
+            slot = int(self.rng.integers(len(self.samples)))
+            self.samples[slot] = load_sample(self.paths[int(self.rng.integers(len(self.paths)))])
+            self.lesion_voxels[slot] = self.samples[slot].target.sum()
 
 
 def _save_latest(work_dir: Path, network, optimizer, state: TrainingState, rng: np.random.Generator,
@@ -199,7 +208,7 @@ def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, 
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     network, optimizer, state, device = _setup(config, options, work_dir, resume, rng)
-    pool = SamplePool(Path(cache), options.samples_in_memory, rng, max_samples)
+    pool = SamplePool(Path(cache), options.samples_in_memory, rng, max_samples, options.size_weighting)
     patch_size = tuple(options.patch_size_zyx or config.patch_size_zyx)
     network.decoder.deep_supervision = options.deep_supervision
     network.train()
