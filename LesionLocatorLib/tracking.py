@@ -260,8 +260,9 @@ class Tracker:
         report(0.0, "preprocessing")
         scan0, scan1 = self.scan(earlier), self.scan(later)
         check_cancel(cancel_event)
-        prompts_pre = self._masks_in_preprocessed_space(masks, scan0)
-        prompts_pre.update({k: self._official_list_prompt(masks[k], scan0) for k in outside_labelled if k in masks})
+        prompts_pre = self._masks_in_preprocessed_space(
+            {k: m for k, m in masks.items() if k not in outside_labelled}, scan0)
+        prompts_pre.update(self._official_list_prompts({k: m for k, m in masks.items() if k in outside_labelled}, scan0))
         windows = z_alignment_windows(scan0.pre.data[0], scan1.pre.data[0])
         window_shape = scan1.pre.data[0, windows[1]].shape
         sums = {lesion_id: np.zeros(window_shape, np.float32) for lesion_id in masks}
@@ -278,7 +279,7 @@ class Tracker:
                 warped = deformation.warp_mask(moving > 0)
                 if not np.any(warped):
                     continue
-                if moving.dtype == np.int8:  # nearest-neighbour warping moves each label's voxels independently
+                if lesion_id in outside_labelled:  # nearest-neighbour warping moves each label's voxels independently
                     warped = warped.astype(np.int8) - deformation.warp_mask(moving < 0).astype(np.int8)
                 difference = self._unet_difference(self.folds[fold], np.ascontiguousarray(fixed), warped)
                 sums[lesion_id] += np.flip(difference, axes) if axes else difference
@@ -362,12 +363,18 @@ class Tracker:
             resampled[lesion_id] = grid_mask
         return resampled
 
-    def _official_list_prompt(self, mask: np.ndarray, scan: TrackScan) -> np.ndarray:
-        """The lesion as the official list path preprocesses its mask file: 1 in the lesion, -1 outside the scan's
-        body (nnU-Net's crop_to_nonzero label), resampled with the plans' segmentation resampling (int8 grid)."""
-        _, labels, _ = crop_to_nonzero(scan.image.array[None], (mask > 0).astype(np.int8)[None])
-        return self.preprocessor.resample_segmentation(labels[0].astype(np.int8), scan.image.spacing_zyx,
-                                                       scan.pre.grid_shape_zyx)
+    def _official_list_prompts(self, masks: dict[int, np.ndarray], scan: TrackScan) -> dict[int, np.ndarray]:
+        """Each lesion as the official list path preprocesses its mask file: 1 in the lesion, -1 outside the scan's
+        body (nnU-Net's crop_to_nonzero label, found once for all lesions), resampled with the plans' segmentation
+        resampling (int8 grid)."""
+        if not masks:
+            return {}
+        empty = np.zeros((1, *scan.image.shape_zyx), np.int8)
+        _, outside, bbox = crop_to_nonzero(scan.image.array[None], empty)
+        crop = tuple(slice(lo, hi) for lo, hi in bbox)
+        return {k: self.preprocessor.resample_segmentation(np.where(mask[crop] > 0, 1, outside[0]).astype(np.int8),
+                                                           scan.image.spacing_zyx, scan.pre.grid_shape_zyx)
+                for k, mask in masks.items()}
 
     def _unet_difference(self, fold: TrackFold, fixed_czyx: np.ndarray, warped_zyx: np.ndarray) -> np.ndarray:
         """One U-Net patch centred on the mean position of the warped prompt's non-zero voxels (for a binary mask:

@@ -23,7 +23,7 @@ TINY = FIXTURES / "tiny"
 MIN_DICE = 0.97
 # Where the official tracker reads a lesion from its own mask file (A21, A22, and A20's second pair, which
 # re-prompts with the files it just wrote) the voxels outside the scan's body enter the prompt as -1 and pull the
-# U-Net patch 4-40 voxels off the lesion. `official_list_prompts` reproduces that (>= MIN_DICE); by default ours
+# U-Net patch up to 42 voxels off the lesion. `official_list_prompts` reproduces that (>= MIN_DICE); by default ours
 # centres the patch on the lesion, so the tiny U-Net sees other context near the patch border there.
 MIN_DICE_CENTRED_ON_LESION = 0.93
 
