@@ -1,11 +1,17 @@
 """Segmentation speed and memory: `exact` (whole image, as the official code) vs `roi` (around the prompt).
 
 Makes a whole-body-sized CT (512x512x400 voxels at 0.8x0.8x2.5 mm) and a full-size ResEnc-L checkpoint with
-random weights in the official format, then segments one point-prompted lesion in each mode with preset `fast`,
-each in its own process, and prints wall time and peak memory of the segment() call and the ratios exact/roi
-measured in this one run. It also prints the share of the roi time spent in the network pass.
+random weights in the official format, then segments one point-prompted lesion with preset `fast`, each run in its
+own process, and prints wall time and peak memory and the ratios to roi measured in this one run:
+- `roi`: the engine's default;
+- `exact`: the engine's whole-image mode (same result as the official code, without its redundant work);
+- `official`: the official code's steps, run with nnU-Net's own functions and the same network pass:
+  `DefaultPreprocessor.run_case_npy` on the whole image (crop to non-zero with hole filling, normalization,
+  resampling of the image and of the non-zero mask), whole-grid logits (NaN outside the patch), then
+  `convert_predicted_logits_to_segmentation_with_correct_shape` (both logit channels resampled back, argmax).
+It also prints the share of the roi time spent in the network pass.
 
-    python benchmarks/segment_speed.py [--work DIR] [--threads N] [--shape-zyx 400 512 512] [--bf16]
+    python benchmarks/segment_speed.py [--work DIR] [--threads N] [--shape-zyx 400 512 512] [--bf16] [--modes ...]
 
 --bf16 runs the network pass of both modes with bfloat16 autocast on the CPU (the engine's opt-in `cpu_bf16`).
 """
@@ -18,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +94,34 @@ def _memory_kib(field: str) -> int:
     return 0
 
 
+def segment_like_official(model, image, point_zyx, threads: int) -> np.ndarray:
+    """The official pipeline's whole-image steps with nnU-Net's functions; the engine's predictor for the patch."""
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from LesionLocatorLib.prompts import dense_point, point_to_preprocessed
+
+    plans_manager = PlansManager(model.model.plans)
+    configuration = model.preprocessor.configuration
+    properties = {"spacing": list(image.spacing_zyx)}
+    data, _, properties = DefaultPreprocessor(verbose=False).run_case_npy(
+        image.array[None], None, properties, plans_manager, configuration, model.model.dataset_json)
+    cropped_shape = np.asarray(properties["shape_after_cropping_and_before_resampling"])
+    crop_start = np.asarray([b[0] for b in properties["bbox_used_for_cropping"]])
+    centre = point_to_preprocessed(point_zyx, crop_start, cropped_shape, np.asarray(data.shape[1:]) / cropped_shape,
+                                   data.shape[1:])
+    patch_logits, region = model.predictor.predict(data, dense_point(centre, data.shape[1:]))
+    logits = torch.full((2, *data.shape[1:]), float("nan"))
+    logits[(slice(None), *region)] = torch.from_numpy(patch_logits)
+    label_manager = plans_manager.get_label_manager(model.model.dataset_json)
+    with warnings.catch_warnings():  # skimage warns about the all-NaN slices outside the patch
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, plans_manager, configuration, label_manager, properties, num_threads_torch=threads)
+
+
 def measure(mode: str, root: str, shape_zyx, threads: int, bf16: bool, queue) -> None:
     import torch
 
@@ -95,7 +130,8 @@ def measure(mode: str, root: str, shape_zyx, threads: int, bf16: bool, queue) ->
     from LesionLocatorLib.segmentation import Segmenter
 
     image = make_ct(shape_zyx)
-    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast", mode=mode, cpu_bf16=bf16)
+    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast", mode="exact" if mode == "official" else mode,
+                                      cpu_bf16=bf16)
     model = segmenter.model_for("point")
     network_seconds = []
     predict_tile = model.predictor._predict_tile
@@ -109,11 +145,15 @@ def measure(mode: str, root: str, shape_zyx, threads: int, bf16: bool, queue) ->
     model.predictor._predict_tile = timed_tile
     before = _memory_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
+    point = (shape_zyx[0] / 2, shape_zyx[1] / 2, shape_zyx[2] / 3)
     start = time.perf_counter()
-    result = segmenter.segment(image, {1: PointPrompt((shape_zyx[0] / 2, shape_zyx[1] / 2, shape_zyx[2] / 3))})
+    if mode == "official":
+        mask = segment_like_official(model, image, point, threads)
+    else:
+        mask = segmenter.segment(image, {1: PointPrompt(point)}).masks[1]
     wall = time.perf_counter() - start
     queue.put({"mode": mode, "wall_s": wall, "network_s": sum(network_seconds), "peak_extra_mib": (_memory_kib("VmHWM") - before) / 1024,
-               "peak_total_mib": _memory_kib("VmHWM") / 1024, "lesion_voxels": int(result.masks[1].sum())})
+               "peak_total_mib": _memory_kib("VmHWM") / 1024, "lesion_voxels": int(mask.sum())})
 
 
 def main() -> None:
@@ -121,6 +161,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the random checkpoint (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network pass (both modes)")
+    parser.add_argument("--modes", nargs="+", choices=("roi", "exact", "official"), default=["roi", "exact", "official"])
     parser.add_argument("--shape-zyx", type=int, nargs=3, default=[400, 512, 512],
                         help="CT size; the exact mode needs ~18 GB RAM at the default, use 250 512 512 on 16 GB")
     args = parser.parse_args()
@@ -130,24 +171,29 @@ def main() -> None:
         write_checkpoint_root(root)
     context = mp.get_context("spawn")
     results = {}
-    for mode in ("roi", "exact"):
+    for mode in args.modes:
         queue = context.Queue()
         process = context.Process(target=measure, args=(mode, str(root), tuple(args.shape_zyx), args.threads, args.bf16, queue))
         start = time.perf_counter()
         process.start()
         process.join()
         if process.exitcode != 0:  # e.g. killed by the kernel when the whole-image pipeline runs out of memory
-            print(f"{mode:5s}: died after {time.perf_counter() - start:.0f} s (exit code {process.exitcode}; "
+            print(f"{mode:8s}: died after {time.perf_counter() - start:.0f} s (exit code {process.exitcode}; "
                   "-9 = killed, usually out of memory); try a smaller --shape-zyx", flush=True)
-            return
-        results[mode] = queue.get()
-        r = results[mode]
-        print(f"{mode:5s}: {r['wall_s']:7.1f} s (network {r['network_s']:.1f} s), peak +{r['peak_extra_mib']:.0f} MiB "
+            continue
+        results[mode] = r = queue.get()
+        print(f"{mode:8s}: {r['wall_s']:7.1f} s (network {r['network_s']:.1f} s), peak +{r['peak_extra_mib']:.0f} MiB "
               f"(total {r['peak_total_mib']:.0f} MiB), lesion voxels {r['lesion_voxels']}", flush=True)
-    roi, exact = results["roi"], results["exact"]
     print(f"image {tuple(args.shape_zyx)} (z,y,x) at 0.8x0.8x2.5 mm, ResEnc-L random weights, patch {PATCH_ZYX}, preset fast, "
           f"network in {'bfloat16' if args.bf16 else 'float32'}, {args.threads} threads")
-    print(f"ratio exact/roi: wall time {exact['wall_s'] / roi['wall_s']:.1f}x, peak memory {exact['peak_extra_mib'] / max(roi['peak_extra_mib'], 1):.1f}x")
+    roi = results.get("roi")
+    if roi is None:
+        return
+    for mode in ("exact", "official"):
+        if mode in results:
+            other = results[mode]
+            print(f"ratio {mode}/roi: wall time {other['wall_s'] / roi['wall_s']:.1f}x, "
+                  f"peak memory {other['peak_extra_mib'] / max(roi['peak_extra_mib'], 1):.1f}x")
     print(f"roi mode: network pass {100 * roi['network_s'] / roi['wall_s']:.0f}% of the time")
     sys.stdout.flush()
 
