@@ -14,7 +14,7 @@ from LesionLocatorLib.synthetic.cases import make_case
 from LesionLocatorLib.synthetic.phantoms import make_phantom
 from LesionLocatorLib.preprocessing import Preprocessor
 from LesionLocatorLib.training.plans import (
-    LiteModelConfig, build_lite_network, config_from_plans, make_plans, plans_model_folder,
+    LiteModelConfig, build_lite_network, config_from_plans, make_plans, plans_model_folder, write_model_root,
 )
 from LesionLocatorLib.training.samples import (
     cached_sample_paths, load_sample, make_batch, place_patch, samples_from_case, save_sample, simulate_dense_prompt,
@@ -219,3 +219,25 @@ def test_size_weighting_draws_large_lesions_more_often(tiny_samples, tmp_path):
     uniform, weighted = share_of_largest(0.0), share_of_largest(1.0)
     assert abs(uniform - 1 / len(tiny_samples)) < 0.05
     assert abs(weighted - sizes[largest] / sum(sizes)) < 0.05 and weighted > uniform
+
+
+def test_a_task_specific_network_joins_an_existing_model_root(tmp_path):
+    """A point-only network (like the official point_optimized model) gets its own folder; the other tasks keep theirs."""
+    from LesionLocatorLib.training.cli import _init_source
+
+    torch.manual_seed(0)
+    shared, point_only = build_lite_network(TINY).state_dict(), build_lite_network(TINY).state_dict()
+    root = write_model_root(tmp_path / "lite", TINY, shared)
+    write_model_root(root, TINY, point_only, tasks=("point",), net_folder="net_point")
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    assert manifest["tasks"] == {"point": "net_point", "box": "net", "track": "net"}
+    assert manifest["registration"] == "classical"
+    assert resolve_task_folder(root, "point") == root / "net_point"
+    loaded_point = load_checkpoint_folder(resolve_task_folder(root, "point")).fold_weights[0]
+    loaded_box = load_checkpoint_folder(resolve_task_folder(root, "box")).fold_weights[0]
+    name = next(iter(shared))
+    assert torch.equal(loaded_point[name], point_only[name]) and torch.equal(loaded_box[name], shared[name])
+    # fine-tuning from a root starts from the network of the task being trained
+    assert _init_source(root, "box") == str(root / "net") and _init_source(root, "point") == str(root / "net_point")
+    with pytest.raises(ValueError, match="tasks must be"):
+        write_model_root(root, TINY, shared, tasks=("segment",))

@@ -2,6 +2,8 @@
 
     lesionlocator train --output Resources/Models/LesionLocatorLite --work-dir scratch/lite --steps 3000
     lesionlocator train ... --resume          # continue from <work-dir>/checkpoint_latest.pth
+    lesionlocator train ... --tasks point --prompt-mix 1 0 0   # a point-only network in <output>/net_point
+
 
 Samples are cached in <work-dir>/samples (or --cache) and reused; stopping (Ctrl-C, --time-limit-min) keeps a
 resumable checkpoint. The model root is written once training reaches --steps.
@@ -15,14 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import resolve_task_folder
 from ..errors import LesionLocatorError
-from .plans import LiteModelConfig
+from .plans import NET_FOLDER, TASKS, LiteModelConfig
 from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
 from .trainer import TrainingOptions, export_model, train
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, type=Path, help="model root to write (manifest + net/)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                        help="tasks the trained network serves (default all); the others keep their folder in an "
+                             "existing model root")
+    parser.add_argument("--net-folder", help="folder of the network in the model root (default: net for all tasks, "
+                                             "else net_<tasks>)")
     parser.add_argument("--work-dir", type=Path, help="checkpoints and logs (default: <output>_work)")
     parser.add_argument("--cache", type=Path, help="training sample cache (default: <work-dir>/samples)")
     parser.add_argument("--cache-size", type=int, default=1200, help="samples to generate (default 1200)")
@@ -40,7 +48,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         default=list(LiteModelConfig.spacing_zyx), help="target spacing in mm (z y x)")
     parser.add_argument("--train-patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                         help="train on smaller patches than the plans' patch (cheaper steps; default: the plans')")
-    parser.add_argument("--init-from", help="start from these weights: a model root or a checkpoint file")
+    parser.add_argument("--init-from", type=Path, help="start from these weights: a checkpoint file, a model folder, "
+                                                       "or a model root (its network for the first of --tasks)")
     parser.add_argument("--prompt-mix", type=float, nargs=3, metavar=("POINT", "BOX", "MASK"),
                         default=list(DEFAULT_PROMPT_MIX), help="relative frequency of the simulated prompt kinds")
     parser.add_argument("--size-weighting", type=float, default=0.0, metavar="ALPHA",
@@ -73,6 +82,13 @@ def _prompt_mix(values: list[float]) -> tuple[float, float, float]:
     if min(values) < 0 or sum(values) <= 0:
         raise LesionLocatorError("--prompt-mix: give three non-negative weights (point box mask), not all zero.")
     return tuple(values)
+
+
+def _init_source(source: Path | None, task: str) -> str | None:
+    """A model root's network for `task` (a specialised root has one per task); files and folders as given."""
+    if source is None or source.is_file():
+        return None if source is None else str(source)
+    return str(resolve_task_folder(source, task))
 
 
 def _cache_progress(done: int, total: int) -> None:
@@ -108,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                               patch_size_zyx=tuple(args.train_patch_size) if args.train_patch_size else None,
                               deep_supervision=not args.no_deep_supervision, prompt_mix=_prompt_mix(args.prompt_mix),
                               size_weighting=args.size_weighting,
-                              init_weights=str(args.init_from) if args.init_from else None)
+                              init_weights=_init_source(args.init_from, args.tasks[0]))
     try:
         network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size)
     except KeyboardInterrupt:
@@ -118,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     if state.step < args.steps:
         print(f"stopped at step {state.step}/{args.steps}; continue with --resume", file=sys.stderr)
         return 0
-    export_model(network, config, args.output, state)
+    tasks = tuple(dict.fromkeys(args.tasks))
+    net_folder = args.net_folder or (NET_FOLDER if set(tasks) == set(TASKS) else "net_" + "_".join(tasks))
+    export_model(network, config, args.output, state, tasks, net_folder)
     print(f"model written to {args.output} ({state.step} steps, {state.seconds / 60:.1f} min of training)")
     if not args.no_validate:
         summary = _validate(args.output, work_dir, args)["summary"]

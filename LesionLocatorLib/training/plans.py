@@ -1,7 +1,9 @@
 """The Lite model's description in nnU-Net v2 form (plans.json, dataset.json) and its model root on disk.
 
 One ResidualEncoderUNet with inputs [CT image, prompt] and outputs [background, lesion] serves the point, box and
-track tasks: the manifest `lesionlocator_model.json` maps all three to the same `net/` folder.
+track tasks: the manifest `lesionlocator_model.json` maps all three to the same `net/` folder. A network trained for
+some tasks only (e.g. points, as the official point_optimized model) goes into its own folder of the same root, and
+the manifest maps those tasks to it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ TRAINER_NAME = "LesionLocatorLiteTrainer"
 NETWORK_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 MODEL_NAME = "LesionLocator-Lite"
 NET_FOLDER = "net"
+TASKS = ("point", "box", "track")
 # CT intensity statistics of the released LesionLocator plans: the Lite model normalizes CT exactly as they do
 OFFICIAL_CT_INTENSITY_PROPERTIES = {
     "max": 3603.951904296875, "mean": -63.00682013436269, "median": 37.23089790344238, "min": -1411.0,
@@ -134,17 +137,23 @@ def build_lite_network(config: LiteModelConfig) -> torch.nn.Module:
 
 
 def write_model_root(root: str | Path, config: LiteModelConfig, network_weights: dict[str, torch.Tensor],
-                     extra: dict | None = None) -> Path:
-    """Write manifest + net/{plans.json, dataset.json, fold_0/checkpoint_final.pth}; returns the root."""
+                     extra: dict | None = None, tasks: tuple[str, ...] = TASKS, net_folder: str = NET_FOLDER) -> Path:
+    """Write <net_folder>/{plans.json, dataset.json, fold_0/checkpoint_final.pth} and map `tasks` to it in the
+    manifest; tasks that an existing manifest maps to other folders keep them. Returns the root."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be some of {TASKS}; got {list(tasks)}")
     root = Path(root)
-    net = root / NET_FOLDER
+    net = root / net_folder
     net.mkdir(parents=True, exist_ok=True)
     (net / "plans.json").write_text(json.dumps(make_plans(config), indent=2))
     (net / "dataset.json").write_text(json.dumps(make_dataset_json(), indent=2))
     save_checkpoint(net / "fold_0", network_weights, TRAINER_NAME, CONFIGURATION, (0, 1, 2), extra)
-    manifest = {"name": MODEL_NAME, "tasks": {"point": NET_FOLDER, "box": NET_FOLDER, "track": NET_FOLDER},
-                "registration": "classical"}
-    (root / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest_path = root / MODEL_MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = {"name": MODEL_NAME, "tasks": {}, "registration": "classical", **manifest}
+    manifest["tasks"] = {**manifest["tasks"], **{task: net_folder for task in tasks}}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return root
 
 

@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import load_checkpoint_file, load_checkpoint_folder, resolve_task_folder
 from ..errors import LesionLocatorError
 from ..prediction import resolve_device
-from .plans import LiteModelConfig, build_lite_network, write_model_root
+from .plans import NET_FOLDER, TASKS, LiteModelConfig, build_lite_network, write_model_root
 from .samples import DEFAULT_PROMPT_MIX, TrainingSample, cached_sample_paths, load_sample, make_batch
 
 LATEST = "checkpoint_latest.pth"
@@ -241,7 +241,9 @@ def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, 
     return network, state
 
 
-def export_model(network: torch.nn.Module, config: LiteModelConfig, model_root: str | Path, state: TrainingState) -> Path:
-    """Write the trained network as an official-format model root (fp32 weights, no optimizer state)."""
+def export_model(network: torch.nn.Module, config: LiteModelConfig, model_root: str | Path, state: TrainingState,
+                 tasks: tuple[str, ...] = TASKS, net_folder: str = NET_FOLDER) -> Path:
+    """Write the trained network into an official-format model root (fp32 weights, no optimizer state), serving
+    `tasks` from `net_folder`."""
     weights = {k: v.detach().float().cpu() for k, v in network.state_dict().items()}
-    return write_model_root(model_root, config, weights, extra={"current_epoch": state.step})
+    return write_model_root(model_root, config, weights, {"current_epoch": state.step}, tasks, net_folder)
