@@ -87,6 +87,11 @@ def test_validation_set_is_reproducible_and_prompts_hit_their_lesions():
         assert a.points_zyx == b.points_zyx and a.boxes_zyx == b.boxes_zyx
         assert np.array_equal(a.case.image.array, b.case.image.array)
     assert any(a.points_zyx != c.points_zyx for a, c in zip(first, other))
+    # `evaluate --skip tracking` must score the same cases as a full run
+    with_follow_ups = make_validation_set(5, backgrounds, cases_per_background=1, lesions_per_case=2, with_follow_up=True)
+    for a, b in zip(first, with_follow_ups):
+        assert a.points_zyx == b.points_zyx and a.boxes_zyx == b.boxes_zyx and b.follow_up is not None
+        assert np.array_equal(a.case.image.array, b.case.image.array)
     for validation_case in first:
         for lesion in validation_case.case.lesions:
             mask = validation_case.case.lesion_mask(lesion.lesion_id)

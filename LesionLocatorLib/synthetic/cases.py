@@ -125,7 +125,8 @@ def make_validation_set(seed: int, backgrounds: Sequence[str | Background] = VAL
                         cases_per_background: int = 2, lesions_per_case: int = 3,
                         diameter_range_mm: tuple[float, float] = VALIDATION_DIAMETER_RANGE_MM,
                         box_jitter_voxels: int = 2, with_follow_up: bool = False, data_root=None) -> list[ValidationCase]:
-    """A reproducible held-out set: the same seed and backgrounds always give the same cases and prompts.
+    """A reproducible held-out set: the same seed and backgrounds always give the same cases and prompts, with or
+    without follow-ups.
 
     Backgrounds are names for `load_background` (real scans need the shared data) or Background objects."""
     from .followup import make_follow_up
@@ -142,6 +143,8 @@ def make_validation_set(seed: int, backgrounds: Sequence[str | Background] = VAL
                       for lesion in case.lesions}
             boxes = {lesion.lesion_id: jittered_box(case.lesion_mask(lesion.lesion_id), rng, box_jitter_voxels)
                      for lesion in case.lesions}
-            follow_up = make_follow_up(case, rng) if with_follow_up else None
+            # the follow-up draws from its own stream, so the cases and prompts do not depend on with_follow_up
+            follow_up_rng = np.random.default_rng(rng.integers(2 ** 63))
+            follow_up = make_follow_up(case, follow_up_rng) if with_follow_up else None
             cases.append(ValidationCase(case, points, boxes, follow_up))
     return cases
