@@ -157,10 +157,11 @@ def test_training_can_start_from_a_model_and_use_smaller_patches(tiny_samples, t
 def test_bundled_model_loads_strictly_and_fits_the_size_budget():
     total_bytes = sum(p.stat().st_size for p in BUNDLED.rglob("*") if p.is_file())
     assert total_bytes <= 25 * 1024 * 1024
-    model = load_checkpoint_folder(resolve_task_folder(BUNDLED, "point"))
-    network = model.build_network()
-    network.load_state_dict(model.fold_weights[0], strict=True)
-    assert all(v.dtype == torch.float32 for v in model.fold_weights[0].values() if v.is_floating_point())
+    for folder in {resolve_task_folder(BUNDLED, task) for task in ("point", "box", "track")}:
+        model = load_checkpoint_folder(folder)
+        network = model.build_network()
+        network.load_state_dict(model.fold_weights[0], strict=True)
+        assert all(v.dtype == torch.float32 for v in model.fold_weights[0].values() if v.is_floating_point())
 
 
 ABDOMEN_CT = REPO.parent / "shared" / "data" / "totalsegmentator_examples" / "example_ct.nii.gz"
