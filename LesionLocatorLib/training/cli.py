@@ -4,7 +4,6 @@
     lesionlocator train ... --resume          # continue from <work-dir>/checkpoint_latest.pth
     lesionlocator train ... --tasks point --prompt-mix 1 0 0   # a point-only network in <output>/net_point
 
-
 Samples are cached in <work-dir>/samples (or --cache) and reused; stopping (Ctrl-C, --time-limit-min) keeps a
 resumable checkpoint. The model root is written once training reaches --steps.
 """
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import resolve_task_folder
 from ..errors import LesionLocatorError
 from .plans import NET_FOLDER, TASKS, LiteModelConfig
 from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
@@ -48,7 +46,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         default=list(LiteModelConfig.spacing_zyx), help="target spacing in mm (z y x)")
     parser.add_argument("--train-patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                         help="train on smaller patches than the plans' patch (cheaper steps; default: the plans')")
-    parser.add_argument("--init-from", type=Path, help="start from these weights: a checkpoint file, a model folder, "
+    parser.add_argument("--init-from", help="start from these weights: a checkpoint file, a model folder, "
                                                        "or a model root (its network for the first of --tasks)")
     parser.add_argument("--prompt-mix", type=float, nargs=3, metavar=("POINT", "BOX", "MASK"),
                         default=list(DEFAULT_PROMPT_MIX), help="relative frequency of the simulated prompt kinds")
@@ -84,13 +82,6 @@ def _prompt_mix(values: list[float]) -> tuple[float, float, float]:
     return tuple(values)
 
 
-def _init_source(source: Path | None, task: str) -> str | None:
-    """A model root's network for `task` (a specialised root has one per task); files and folders as given."""
-    if source is None or source.is_file():
-        return None if source is None else str(source)
-    return str(resolve_task_folder(source, task))
-
-
 def _cache_progress(done: int, total: int) -> None:
     sys.stderr.write(f"\rgenerating samples {done}/{total} ")
     sys.stderr.flush()
@@ -124,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                               patch_size_zyx=tuple(args.train_patch_size) if args.train_patch_size else None,
                               deep_supervision=not args.no_deep_supervision, prompt_mix=_prompt_mix(args.prompt_mix),
                               size_weighting=args.size_weighting,
-                              init_weights=_init_source(args.init_from, args.tasks[0]))
+                              init_weights=str(args.init_from) if args.init_from else None,
+                              init_task=args.tasks[0])
     try:
         network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size)
     except KeyboardInterrupt:

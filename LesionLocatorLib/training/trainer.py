@@ -44,6 +44,7 @@ class TrainingOptions:
     patch_size_zyx: tuple[int, int, int] | None = None  # training patch; None: the plans' (inference) patch
     deep_supervision: bool = True  # nnU-Net's multi-scale loss (the saved network has the same weights either way)
     init_weights: str | None = None  # start from these weights (model root, model folder or checkpoint file)
+    init_task: str = "point"  # which network of a model root `init_weights` starts from
 
 
 @dataclass
@@ -148,12 +149,12 @@ def _load_latest(work_dir: Path, network, optimizer, rng: np.random.Generator, c
     return TrainingState(**json.loads(checkpoint["state"]))
 
 
-def initial_weights(source: str | Path) -> dict[str, torch.Tensor]:
-    """Network weights from a model root (its point model), a model folder, or a checkpoint file."""
+def initial_weights(source: str | Path, task: str = "point") -> dict[str, torch.Tensor]:
+    """Network weights from a model root (its network for `task`), a model folder, or a checkpoint file."""
     source = Path(source)
     if source.is_file():
         return load_checkpoint_file(source)["network_weights"]
-    return load_checkpoint_folder(resolve_task_folder(source, "point"), folds=[0]).fold_weights[0]
+    return load_checkpoint_folder(resolve_task_folder(source, task), folds=[0]).fold_weights[0]
 
 
 def progress_bar(step: int, total: int, loss: float, seconds_per_step: float) -> None:
@@ -171,7 +172,7 @@ def _setup(config: LiteModelConfig, options: TrainingOptions, work_dir: Path, re
     device = resolve_device(options.device)
     network = build_lite_network(config)
     if options.init_weights is not None and not resume:
-        network.load_state_dict(initial_weights(options.init_weights), strict=True)
+        network.load_state_dict(initial_weights(options.init_weights, options.init_task), strict=True)
     network = network.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     state = TrainingState()
