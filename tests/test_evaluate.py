@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from LesionLocatorLib.training.evaluate import TrackScore, core_point, open_ms_lesions, summarize_tracking
+from LesionLocatorLib.training.validation import mean_ci95
 from golden import SHARED
 
 
@@ -15,6 +16,15 @@ def test_cpm_counts_missed_lesions_and_med_averages_found_ones():
     assert summary["CPM@25"] == 0.5  # 2 of 4 within 25 mm; the missed one counts as a miss
     assert summary["MED_mm"] == pytest.approx((3 + 30 + 5) / 3, abs=0.01)
     assert summary["found"] == 3 and summary["mean_dice"] == pytest.approx(0.55)
+    low, high = summary["mean_dice_ci95"]
+    assert 0.0 <= low < 0.55 < high <= 0.9
+
+
+def test_mean_interval_narrows_with_more_lesions_and_is_empty_for_constant_scores():
+    rng = np.random.default_rng(3)
+    few, many = mean_ci95(rng.uniform(0, 1, 30)), mean_ci95(rng.uniform(0, 1, 300))
+    assert many[1] - many[0] < 0.6 * (few[1] - few[0])
+    assert mean_ci95([0.7] * 10) == [0.7, 0.7]
 
 
 def test_core_point_is_the_deepest_voxel():

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from ..image import ImageVolume, read_image
 from ..prompts import PointPrompt
-from .validation import dice_score, evaluate_segmentation, scores_as_dicts, summarize
+from .validation import dice_score, evaluate_segmentation, mean_ci95, scores_as_dicts, summarize
 
 CPM_RADIUS_MM = 25.0
 OPEN_MS_PATIENTS = ("01", "03", "12", "19")
@@ -89,6 +89,7 @@ def summarize_tracking(scores: list[TrackScore]) -> dict:
     within = [s for s in scores if s.centre_distance_mm is not None and s.centre_distance_mm <= CPM_RADIUS_MM]
     return {"lesions": len(scores), "found": sum(s.found for s in scores),
             "mean_dice": round(float(np.mean([s.dice for s in scores])), 4),
+            "mean_dice_ci95": mean_ci95([s.dice for s in scores]),
             f"CPM@{CPM_RADIUS_MM:.0f}": round(len(within) / len(scores), 4),
             "MED_mm": round(float(np.mean(distances)), 2) if distances else None,
             "mean_seconds_per_step": round(float(np.mean([s.seconds for s in scores])), 2)}

@@ -18,6 +18,7 @@ from ..synthetic.cases import ValidationCase
 from ..synthetic.followup import PRESENT
 
 SIZE_BINS_MM = (0.0, 10.0, 20.0, 40.0, np.inf)
+BOOTSTRAP_RESAMPLES = 2000
 Progress = Callable[[float, str], None]
 
 
@@ -102,8 +103,17 @@ def evaluate_tracking(model_root: str | Path, cases: Sequence[ValidationCase], d
     return scores
 
 
+def mean_ci95(values: Sequence[float], seed: int = 0) -> list[float]:
+    """Bootstrap 95 % interval of the mean (percentile method): validation sets are small, and a difference
+    between two models inside this interval is noise."""
+    values = np.asarray(values, float)
+    resamples = np.random.default_rng(seed).choice(values, size=(BOOTSTRAP_RESAMPLES, len(values)), replace=True)
+    return [round(float(v), 4) for v in np.percentile(resamples.mean(axis=1), [2.5, 97.5])]
+
+
 def summarize(scores: Sequence[LesionScore]) -> dict:
-    """Per prompt kind: lesions, mean/median Dice, share with Dice >= 0.5, mean seconds, mean Dice per size bin."""
+    """Per prompt kind: lesions, mean Dice with its bootstrap 95 % interval, median Dice, share with Dice >= 0.5,
+    mean seconds, mean Dice per size bin."""
     summary = {}
     for kind in sorted({s.prompt for s in scores}):
         chosen = [s for s in scores if s.prompt == kind]
@@ -118,6 +128,7 @@ def summarize(scores: Sequence[LesionScore]) -> dict:
         summary[kind] = {
             "lesions": len(chosen),
             "mean_dice": round(float(dice.mean()), 4),
+            "mean_dice_ci95": mean_ci95(dice),
             "median_dice": round(float(np.median(dice)), 4),
             "dice_at_least_0.5": round(float(np.mean(dice >= 0.5)), 4),
             "mean_seconds_per_lesion": round(float(np.mean([s.seconds for s in chosen])), 3),
