@@ -98,6 +98,7 @@ class LesionLocatorParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     preset: Annotated[str, Choice(list(PRESETS))] = "fast"
     registration: Annotated[str, Choice(list(REGISTRATIONS))] = "auto"
+    cpuBfloat16: bool = False
 
 
 #
@@ -523,7 +524,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic, LesionTrackingLogic):
     def useSettingsOf(self, parameterNode) -> None:
         folder = str(parameterNode.modelFolder) if str(parameterNode.modelFolder) not in ("", ".") else ""
         self.settings = EngineSettings(parameterNode.model.value, folder, parameterNode.device,
-                                       parameterNode.preset, parameterNode.registration)
+                                       parameterNode.preset, parameterNode.registration, parameterNode.cpuBfloat16)
 
     def ensureEngineDependencies(self, confirm=None) -> bool:
         """Install what the engine needs on first use (PyTorch through the PyTorch extension, the rest with pip),

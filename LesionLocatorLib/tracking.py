@@ -173,7 +173,7 @@ class Tracker:
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, registration: str | Registration = "auto",
                  segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto",
-                 official_list_prompts: bool = False):
+                 official_list_prompts: bool = False, cpu_bf16: bool = False):
         check_preset(preset)
         if mode not in TRACKING_MODES:
             raise LesionLocatorError(f"Unknown tracking mode '{mode}'; use one of {TRACKING_MODES}.")
@@ -191,11 +191,12 @@ class Tracker:
             raise LesionLocatorError("official_list_prompts reproduces the official pipeline: use mode='exact' "
                                      "(a model with a registration network).")
         self.official_list_prompts = official_list_prompts
-        settings = PredictionSettings(self.device, use_tta=self.use_tta and self.mode == "roi", mirror_axes=(0, 1, 2))
+        settings = PredictionSettings(self.device, use_tta=self.use_tta and self.mode == "roi", mirror_axes=(0, 1, 2),
+                                      cpu_bf16=cpu_bf16)
         self.folds = [TrackFold(self.model, weights, reg, settings)
                       for weights, reg in zip(self.model.fold_weights.values(), registrations)]
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
-                                                use_tta=use_tta, mode=segmentation_mode)
+                                                use_tta=use_tta, mode=segmentation_mode, cpu_bf16=cpu_bf16)
         self._scans = BoundedCache(MAX_CACHED_SCANS)
         self._deformations = BoundedCache(MAX_CACHED_REGISTRATIONS)
         self.registrations_computed = 0

@@ -143,3 +143,17 @@ def test_three_timepoints_with_the_gradicon_network(tinyLogicSettings):
     scene = slicer.vtkMRMLScene()
     volumes = loadTimepoints(scene, ["bl", "fu1", "fu2"])
     selftest.endToEndFlow(newLogic(scene, "gradicon", **tinyLogicSettings), volumes, lesionPointRAS(volumes[0]))
+
+
+def test_cpu_bfloat16_setting_reaches_both_engines_and_rebuilds_them():
+    from LesionLocatorSlicer.logic import EngineSettings
+
+    engines = EngineCache()
+    settings = EngineSettings(model=MODEL_CUSTOM, modelFolder=str(TINY_MODEL), device="cpu", preset="fast",
+                              registration="classical")
+    fp32 = engines.tracker(TINY_MODEL, settings)
+    assert not fp32.segmenter.cpu_bf16
+    settings.cpuBfloat16 = True
+    bf16 = engines.tracker(TINY_MODEL, settings)
+    assert bf16 is not fp32 and bf16.segmenter.cpu_bf16 and bf16.folds[0].predictor.settings.cpu_bf16
+    assert engines.segmenter(TINY_MODEL, settings) is bf16.segmenter

@@ -35,7 +35,7 @@ EXPECTED_CLASSES = {
     "cpuWarningLabel": "QLabel",
 }
 # Widgets that the parameter node wrapper can bind to each parameter type (Slicer's GUI connectors).
-CONNECTORS = {"str": {"QComboBox", "ctkComboBox", "QLineEdit"}, "ModelChoice": {"QComboBox", "ctkComboBox"},
+CONNECTORS = {"str": {"QComboBox", "ctkComboBox", "QLineEdit"}, "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"}, "ModelChoice": {"QComboBox", "ctkComboBox"},
               "Path": {"ctkPathLineEdit", "ctkDirectoryButton"}, "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
 
 
@@ -73,7 +73,7 @@ def test_parameter_bindings_name_real_parameters_with_a_supported_widget(widgets
         for prop in element.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = element.get("class")
-    assert set(bound) == {"model", "modelFolder", "device", "preset", "registration"}
+    assert set(bound) == {"model", "modelFolder", "device", "preset", "registration", "cpuBfloat16"}
     for parameter, widgetClass in bound.items():
         assert parameter in types, f"no parameter '{parameter}' in LesionLocatorParameterNode"
         assert widgetClass in CONNECTORS[types[parameter]], f"{widgetClass} cannot show a {types[parameter]}"

@@ -59,3 +59,18 @@ def test_wrong_prompt_type_is_a_clear_error(tmp_path: Path, capsys):
                      str(INPUTS / "A_trk_small_fu.nii.gz"), "-p", str(INPUTS / "prompts" / "A_trk_small_bl_inst.nii.gz"),
                      "-t", "point", "-o", str(tmp_path / "o"), "-m", str(TINY), "-device", "cpu"])
     assert code == 2 and "needs one JSON prompt file" in capsys.readouterr().err
+
+
+def test_bf16_flag_reaches_the_tracker(tmp_path: Path, monkeypatch):
+    from LesionLocatorLib.tracking import Tracker
+
+    built = []
+    original = Tracker.from_folder.__func__
+
+    def recording(cls, model_root, **options):
+        built.append(options)
+        return original(cls, model_root, **options)
+
+    monkeypatch.setattr(Tracker, "from_folder", classmethod(recording))
+    assert track(tmp_path, [INPUTS / "A_trk_small_fu.nii.gz"], "--bf16") == 0
+    assert built[0]["cpu_bf16"] is True

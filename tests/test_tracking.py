@@ -200,3 +200,17 @@ def test_official_list_prompts_need_the_exact_pipeline():
     require(TINY / "LesionLocatorTrack")
     with pytest.raises(LesionLocatorError, match="exact"):
         Tracker(TINY, device="cpu", folds=[0], registration="classical", official_list_prompts=True)
+
+
+def test_bf16_reaches_both_unets_and_changes_only_boundary_voxels(scans):
+    """cpu_bf16 (the CLI's --bf16) runs the tracking U-Net and the segmentation U-Net in bfloat16."""
+    masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
+    results = {}
+    for bf16 in (False, True):
+        tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(),
+                          mode="roi", cpu_bf16=bf16)
+        assert tracker.folds[0].predictor.settings.cpu_bf16 is bf16
+        assert tracker.segmenter.cpu_bf16 is bf16
+        results[bf16] = tracker.track_step(scans[0], scans[1], masks)[1].mask.astype(bool)
+    overlap = 2 * np.sum(results[False] & results[True]) / (results[False].sum() + results[True].sum())
+    assert results[False].any() and overlap > 0.95

@@ -59,6 +59,7 @@ class EngineSettings:
     device: str = "auto"
     preset: str = "fast"
     registration: str = "auto"
+    cpuBfloat16: bool = False  # bfloat16 network passes on the CPU: about 2x faster on CPUs with native bfloat16
 
     def modelNameOrFolder(self) -> str:
         from LesionLocatorLib.models import registry
@@ -141,23 +142,25 @@ class EngineCache:
         self._tracker: tuple[tuple, Any] | None = None
 
     def segmenter(self, modelRoot: Path, settings: EngineSettings):
-        key = (str(modelRoot), settings.device, settings.preset)
+        key = (str(modelRoot), settings.device, settings.preset, settings.cpuBfloat16)
         if self._segmenter is None or self._segmenter[0] != key:
             from LesionLocatorLib.segmentation import Segmenter  # torch: imported once dependencies are installed
 
             self._segmenter = None  # free the previous model before loading the next
-            self._segmenter = (key, Segmenter.from_folder(modelRoot, device=settings.device, preset=settings.preset))
+            self._segmenter = (key, Segmenter.from_folder(modelRoot, device=settings.device, preset=settings.preset,
+                                                          cpu_bf16=settings.cpuBfloat16))
         return self._segmenter[1]
 
     def tracker(self, modelRoot: Path, settings: EngineSettings):
-        key = (str(modelRoot), settings.device, settings.preset, settings.registration)
+        key = (str(modelRoot), settings.device, settings.preset, settings.registration, settings.cpuBfloat16)
         if self._tracker is None or self._tracker[0] != key:
             from LesionLocatorLib.tracking import Tracker
 
             self._tracker = None
             segmenter = self.segmenter(modelRoot, settings)  # shared: one copy of the segmentation weights
             self._tracker = (key, Tracker.from_folder(modelRoot, device=settings.device, preset=settings.preset,
-                                                      registration=settings.registration, segmenter=segmenter))
+                                                      registration=settings.registration, segmenter=segmenter,
+                                                      cpu_bf16=settings.cpuBfloat16))
         return self._tracker[1]
 
 
@@ -201,7 +204,8 @@ class LesionTrackingLogic:
             return ""
         return (
             f"This model ({megabytes:.0f} MB per fold) runs on the CPU here: expect minutes per lesion. "
-            "Use a CUDA GPU, or the Lite model for interactive use."
+            "Use a CUDA GPU, or the Lite model for interactive use; bfloat16 on the CPU halves the time on CPUs that "
+            "support it natively."
         )
 
     # --- timepoints and lesions ----------------------------------------------------------------------------------
