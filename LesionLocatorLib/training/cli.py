@@ -3,6 +3,7 @@
     lesionlocator train --output Resources/Models/LesionLocatorLite --work-dir scratch/lite --steps 3000
     lesionlocator train ... --resume          # continue from <work-dir>/checkpoint_latest.pth
     lesionlocator train ... --tasks point --prompt-mix 1 0 0   # a point-only network in <output>/net_point
+    lesionlocator train ... --init-from lesionlocator-lite --own-data DATASET   # fine-tune on your annotated CTs
 
 Samples are cached in <work-dir>/samples (or --cache) and reused; stopping (Ctrl-C, --time-limit-min) keeps a
 resumable checkpoint. The model root is written once training reaches --steps.
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..errors import LesionLocatorError
 from .plans import NET_FOLDER, TASKS, LiteModelConfig
+from .own_data import fill_own_cache
 from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
 from .trainer import TrainingOptions, export_model, train
 
@@ -46,8 +48,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         default=list(LiteModelConfig.spacing_zyx), help="target spacing in mm (z y x)")
     parser.add_argument("--train-patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                         help="train on smaller patches than the plans' patch (cheaper steps; default: the plans')")
-    parser.add_argument("--init-from", help="start from these weights: a checkpoint file, a model folder, "
-                                                       "or a model root (its network for the first of --tasks)")
+    parser.add_argument("--init-from", help="start from these weights: a checkpoint file, a model folder, a model "
+                                            "root or a registered model name such as lesionlocator-lite (a root: "
+                                            "its network for the first of --tasks)")
     parser.add_argument("--prompt-mix", type=float, nargs=3, metavar=("POINT", "BOX", "MASK"),
                         default=list(DEFAULT_PROMPT_MIX), help="relative frequency of the simulated prompt kinds")
     parser.add_argument("--size-weighting", type=float, default=0.0, metavar="ALPHA",
@@ -60,6 +63,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="training backgrounds (real scan names or body_phantom/head_phantom) with weights")
     parser.add_argument("--data-root", type=Path,
                         help="shared data folder (default: $LESIONLOCATOR_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--own-data", type=Path, metavar="DATASET",
+                        help="your annotated CTs as an nnU-Net raw dataset (imagesTr/<case>_0000.nii.gz, "
+                             "labelsTr/<case>.nii.gz; every connected lesion label is one lesion), mixed with the "
+                             "synthetic samples; cached in <work-dir>/own_samples")
+    parser.add_argument("--own-data-share", type=float, default=0.5,
+                        help="share of training samples from --own-data (1: own data only, no synthetic samples)")
     parser.add_argument("--validation-seed", type=int, default=1234)
     parser.add_argument("--validation-cases", type=int, default=2, help="validation cases per held-out background")
     parser.add_argument("--no-validate", action="store_true", help="skip the held-out validation after training")
@@ -80,6 +89,15 @@ def _prompt_mix(values: list[float]) -> tuple[float, float, float]:
     if min(values) < 0 or sum(values) <= 0:
         raise LesionLocatorError("--prompt-mix: give three non-negative weights (point box mask), not all zero.")
     return tuple(values)
+
+
+def _init_source(value: str | None) -> str | None:
+    """A registered model name (e.g. lesionlocator-lite) becomes its model root; paths pass unchanged."""
+    from ..models.registry import REGISTRY, model_root
+
+    if value is None:
+        return None
+    return str(model_root(value)) if value in REGISTRY else str(value)
 
 
 def _cache_progress(done: int, total: int) -> None:
@@ -104,7 +122,16 @@ def run(args: argparse.Namespace) -> int:
     config = LiteModelConfig(tuple(args.patch_size), tuple(args.spacing), tuple(args.features), tuple(args.blocks))
     work_dir = args.work_dir or args.output.with_name(args.output.name + "_work")
     cache = args.cache or work_dir / "samples"
-    if args.cache_size > len(cached_sample_paths(cache)):
+    own_cache = None
+    if args.own_data is not None:
+        if not 0 < args.own_data_share <= 1:
+            raise LesionLocatorError(f"--own-data-share must be in (0, 1]; got {args.own_data_share}.")
+        own_cache = work_dir / "own_samples"
+        fill_own_cache(args.own_data, own_cache, config,
+                       lambda done, total: sys.stderr.write(f"\rown data: case {done}/{total} "))
+        sys.stderr.write("\n")
+    synthetic_needed = own_cache is None or args.own_data_share < 1
+    if synthetic_needed and args.cache_size > len(cached_sample_paths(cache)):
         generator = SampleGenerator(config, np.random.default_rng(args.seed + 10_000),
                                     _background_weights(args.backgrounds), args.data_root)
         fill_cache(cache, args.cache_size, generator, _cache_progress)
@@ -115,10 +142,12 @@ def run(args: argparse.Namespace) -> int:
                               patch_size_zyx=tuple(args.train_patch_size) if args.train_patch_size else None,
                               deep_supervision=not args.no_deep_supervision, prompt_mix=_prompt_mix(args.prompt_mix),
                               size_weighting=args.size_weighting,
-                              init_weights=str(args.init_from) if args.init_from else None,
-                              init_task=args.tasks[0])
+                              init_weights=_init_source(args.init_from),
+                              init_task=args.tasks[0],
+                              own_data_share=args.own_data_share if own_cache is not None else 0.0)
     try:
-        network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size)
+        network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size,
+                               own_cache=own_cache)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint in {work_dir} resumes with --resume", file=sys.stderr)
         return 130

@@ -64,26 +64,33 @@ def _centred_crop(array: np.ndarray, center: np.ndarray, size: np.ndarray) -> tu
     return tuple(slice(int(a), int(a + s)) for a, s in zip(start, size))
 
 
+def lesion_sample(image: ImageVolume, mask: np.ndarray, preprocessor: Preprocessor, config: LiteModelConfig,
+                  meta: dict) -> TrainingSample | None:
+    """The preprocessed crop around one lesion (`mask`, (z, y, x) on the image grid) and its resampled mask; None
+    when the lesion is lost in resampling."""
+    coords = np.argwhere(mask)
+    if coords.size == 0:
+        return None
+    center = (coords.min(axis=0) + coords.max(axis=0)) / 2
+    pre = preprocessor.preprocess_window(image, crop_region(center, image, config))
+    target = preprocessor.resample_mask_window(mask, pre) >= 0.5  # nnU-Net: per-label linear, then >= 0.5
+    if not np.any(target):
+        return None
+    lesion_voxels = np.argwhere(target)
+    crop_size = np.asarray(config.patch_size_zyx) + 2 * np.asarray(CROP_MARGIN_ZYX)
+    window = _centred_crop(target, (lesion_voxels.min(axis=0) + lesion_voxels.max(axis=0)) / 2, crop_size)
+    return TrainingSample(pre.data[0][window], target[window], {**meta, "native_spacing_zyx": list(image.spacing_zyx)})
+
+
 def samples_from_case(case: SyntheticCase, preprocessor: Preprocessor, config: LiteModelConfig) -> list[TrainingSample]:
     """One preprocessed crop per lesion of the case (lesions lost in resampling are skipped)."""
     samples = []
-    crop_size = np.asarray(config.patch_size_zyx) + 2 * np.asarray(CROP_MARGIN_ZYX)
     for lesion in case.lesions:
-        mask = case.lesion_mask(lesion.lesion_id)
-        coords = np.argwhere(mask)
-        if coords.size == 0:
-            continue
-        center = (coords.min(axis=0) + coords.max(axis=0)) / 2
-        pre = preprocessor.preprocess_window(case.image, crop_region(center, case.image, config))
-        target = preprocessor.resample_mask_window(mask, pre) >= 0.5  # nnU-Net: per-label linear, then >= 0.5
-        if not np.any(target):
-            continue
-        lesion_voxels = np.argwhere(target)
-        window = _centred_crop(target, (lesion_voxels.min(axis=0) + lesion_voxels.max(axis=0)) / 2, crop_size)
         meta = {"case": case.name, "lesion_id": lesion.lesion_id, "site": lesion.site, "shape": lesion.shape_kind,
-                "appearance": lesion.appearance.kind, "diameter_mm": round(lesion.diameter_mm, 2),
-                "native_spacing_zyx": list(case.image.spacing_zyx)}
-        samples.append(TrainingSample(pre.data[0][window], target[window], meta))
+                "appearance": lesion.appearance.kind, "diameter_mm": round(lesion.diameter_mm, 2)}
+        sample = lesion_sample(case.image, case.lesion_mask(lesion.lesion_id), preprocessor, config, meta)
+        if sample is not None:
+            samples.append(sample)
     return samples
 
 

@@ -45,6 +45,7 @@ class TrainingOptions:
     deep_supervision: bool = True  # nnU-Net's multi-scale loss (the saved network has the same weights either way)
     init_weights: str | None = None  # start from these weights (model root, model folder or checkpoint file)
     init_task: str = "point"  # which network of a model root `init_weights` starts from
+    own_data_share: float = 0.0  # share of samples drawn from the user's own annotated scans (train's own_cache)
 
 
 @dataclass
@@ -120,6 +121,39 @@ class SamplePool:
             slot = int(self.rng.integers(len(self.samples)))
             self.samples[slot] = load_sample(self.paths[int(self.rng.integers(len(self.paths)))])
             self.lesion_voxels[slot] = self.samples[slot].target.sum()
+
+
+class MixedPool:
+    """Draws each sample from one of several pools with fixed probabilities (synthetic samples and own data)."""
+
+    def __init__(self, pools: list[SamplePool], shares: list[float], rng: np.random.Generator):
+        self.pools, self.rng = pools, rng
+        self.shares = np.asarray(shares, float) / sum(shares)
+
+    def draw(self, count: int) -> list[TrainingSample]:
+        return [self.pools[i].draw(1)[0] for i in self.rng.choice(len(self.pools), size=count, p=self.shares)]
+
+    def refresh_one(self) -> None:
+        for pool in self.pools:
+            pool.refresh_one()
+
+    def rescan(self) -> None:
+        for pool in self.pools:
+            pool.rescan()
+
+
+def _sample_pool(cache: Path, own_cache: Path | None, options: TrainingOptions, rng: np.random.Generator,
+                 max_samples: int | None) -> SamplePool | MixedPool:
+    share = options.own_data_share if own_cache is not None else 0.0
+    if not 0.0 <= share <= 1.0:
+        raise LesionLocatorError(f"The own-data share must be between 0 and 1; got {share}.")
+    if share == 0.0:
+        return SamplePool(cache, options.samples_in_memory, rng, max_samples, options.size_weighting)
+    own = SamplePool(own_cache, options.samples_in_memory, rng, size_weighting=options.size_weighting)
+    if share == 1.0:
+        return own
+    synthetic = SamplePool(cache, options.samples_in_memory, rng, max_samples, options.size_weighting)
+    return MixedPool([synthetic, own], [1.0 - share, share], rng)
 
 
 def _save_latest(work_dir: Path, network, optimizer, state: TrainingState, rng: np.random.Generator,
@@ -200,16 +234,17 @@ def _step(network, optimizer, inputs: np.ndarray, targets: np.ndarray, learning_
 
 def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, work_dir: str | Path,
           resume: bool = False, progress: Callable[[int, int, float, float], None] | None = progress_bar,
-          max_samples: int | None = None) -> tuple[torch.nn.Module, TrainingState]:
-    """Train (or continue) the Lite network on the samples cached in `cache` (the first `max_samples`);
-    returns the network (in inference form, without deep supervision) and the state reached."""
+          max_samples: int | None = None, own_cache: str | Path | None = None) -> tuple[torch.nn.Module, TrainingState]:
+    """Train (or continue) the Lite network on the samples cached in `cache` (the first `max_samples`), mixed with
+    the user's own samples in `own_cache` at `options.own_data_share`; returns the network (in inference form,
+    without deep supervision) and the state reached."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     network, optimizer, state, device = _setup(config, options, work_dir, resume, rng)
-    pool = SamplePool(Path(cache), options.samples_in_memory, rng, max_samples, options.size_weighting)
+    pool = _sample_pool(Path(cache), Path(own_cache) if own_cache else None, options, rng, max_samples)
     patch_size = tuple(options.patch_size_zyx or config.patch_size_zyx)
     network.decoder.deep_supervision = options.deep_supervision
     network.train()
