@@ -158,3 +158,27 @@ def test_train_command_mixes_own_and_synthetic_samples(dataset, tmp_path):
     assert cli.run(args) == 0
     assert len(list((tmp_path / "work" / "samples").glob("sample_*.npz"))) == 2
     assert (tmp_path / "work" / "own_samples" / "source.json").is_file()
+
+
+def test_evaluate_scores_every_own_lesion_with_point_and_box(dataset, tmp_path):
+    import json
+
+    from LesionLocatorLib.training import evaluate
+    from LesionLocatorLib.training.plans import build_lite_network, write_model_root
+
+    folder, lesions = dataset
+    model = tmp_path / "model"
+    write_model_root(model, TINY, build_lite_network(TINY).state_dict(), {"current_epoch": 0})
+    parser = argparse.ArgumentParser()
+    evaluate.configure_parser(parser)
+    args = parser.parse_args(["-m", str(model), "--skip", "segmentation", "tracking", "open_ms", "--own-data",
+                              str(folder), "--own-data-split", "Tr", "-o", str(tmp_path / "eval.json")])
+    assert evaluate.run(args) == 0
+    own = json.loads((tmp_path / "eval.json").read_text())["own_data"]
+    assert own["summary"]["point"]["lesions"] == own["summary"]["box"]["lesions"] == lesions
+    assert all(0.0 <= row["dice"] <= 1.0 and row["diameter_mm"] >= 12.0 * 0.5 for row in own["lesions"])
+
+
+def test_evaluate_needs_the_test_split_or_says_so(dataset):
+    with pytest.raises(LesionLocatorError, match="imagesTs"):
+        dataset_cases(dataset[0], "Ts")

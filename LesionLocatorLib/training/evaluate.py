@@ -7,6 +7,8 @@
   distance of predicted to true centres in mm, over the lesions found).
 - Real data: the open_ms longitudinal MR pairs; each lesion of the expert mask (common space, mapped into the raw
   study-2 scan with the shipped transform) is segmented from a point in its core.
+- Your own annotated CTs (`--own-data`, an nnU-Net raw dataset, its test split by default): each lesion is
+  segmented from a point at its deepest voxel and from its bounding box.
 - Time per call for all of them.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from scipy import ndimage
 
 from ..image import ImageVolume, read_image
 from ..prompts import PointPrompt
-from .validation import dice_score, evaluate_segmentation, mean_ci95, scores_as_dicts, summarize
+from .validation import LesionScore, dice_score, evaluate_segmentation, mean_ci95, scores_as_dicts, summarize
 
 CPM_RADIUS_MM = 25.0
 OPEN_MS_PATIENTS = ("01", "03", "12", "19")
@@ -47,6 +49,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lesions-per-case", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=("segmentation", "tracking", "open_ms"))
     parser.add_argument("--registration", default="auto", choices=("auto", "gradicon", "classical"))
+    parser.add_argument("--own-data", type=Path, metavar="DATASET",
+                        help="also score your annotated CTs (nnU-Net raw dataset, see `lesionlocator train --own-data`)")
+    parser.add_argument("--own-data-split", default="Ts", choices=("Ts", "Tr"),
+                        help="imagesTs/labelsTs (held out, default) or imagesTr/labelsTr")
     parser.add_argument("-device", "--device", default="cpu")
     parser.add_argument("-o", "--output", default=None, help="write all numbers as JSON here")
 
@@ -136,6 +142,36 @@ def evaluate_open_ms(model_root, data_root: Path, device: str) -> list[dict]:
     return rows
 
 
+def equivalent_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
+    """Diameter of the sphere with the lesion's volume."""
+    volume = float(mask.sum()) * float(np.prod(spacing_zyx))
+    return (6.0 * volume / np.pi) ** (1.0 / 3.0)
+
+
+def evaluate_own_data(model_root, dataset: Path, split: str, device: str) -> list[LesionScore]:
+    """Dice per lesion of a labelled dataset, from a point at the lesion's deepest voxel and from its bounding box."""
+    from ..prompts import BoxPrompt
+    from ..segmentation import Segmenter
+    from ..synthetic.prompts import bounding_box
+    from .own_data import dataset_cases, read_case
+
+    segmenter = Segmenter(model_root, device=device, preset="fast")
+    scores = []
+    for case, image_path, label_path in dataset_cases(dataset, split):
+        image, masks = read_case(image_path, label_path)
+        lesions = dict(enumerate(masks, start=1))
+        kinds = {"point": {k: PointPrompt(core_point(m)) for k, m in lesions.items()},
+                 "box": {k: BoxPrompt(*(tuple(map(float, b)) for b in bounding_box(m))) for k, m in lesions.items()}}
+        for kind, prompts in kinds.items():
+            started = time.perf_counter()
+            result = segmenter.segment(image, prompts)
+            seconds = (time.perf_counter() - started) / max(len(prompts), 1)
+            scores.extend(LesionScore(case, k, kind, dice_score(result.masks.get(k), m),
+                                      equivalent_diameter_mm(m, image.spacing_zyx), "own", "", seconds)
+                          for k, m in lesions.items())
+    return scores
+
+
 def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..synthetic.backgrounds import default_data_root
@@ -159,6 +195,11 @@ def run(args: argparse.Namespace) -> int:
         results["open_ms"] = {"lesions": rows, "mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4) if rows else None}
         print(f"open_ms (real MR, point in each study-2 lesion): {len(rows)} lesions, mean Dice {results['open_ms']['mean_dice']}"
               if rows else "open_ms: data not found, skipped", file=sys.stdout)
+    if args.own_data is not None:
+        own_scores = evaluate_own_data(root, args.own_data, args.own_data_split, args.device)
+        results["own_data"] = {"dataset": str(args.own_data), "split": args.own_data_split,
+                               "summary": summarize(own_scores), "lesions": scores_as_dicts(own_scores)}
+        print("own data:", json.dumps(results["own_data"]["summary"], indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
     return 0

@@ -45,13 +45,14 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
     return files
 
 
-def dataset_cases(dataset: str | Path) -> list[tuple[str, Path, Path]]:
-    """(case, image path, label path) of every case, paired by name; anything unpaired is a clear error."""
+def dataset_cases(dataset: str | Path, split: str = "Tr") -> list[tuple[str, Path, Path]]:
+    """(case, image path, label path) of every case of `split` (Tr: training, Ts: test), paired by name; anything
+    unpaired is a clear error."""
     dataset = Path(dataset)
-    images_dir, labels_dir = dataset / "imagesTr", dataset / "labelsTr"
+    images_dir, labels_dir = dataset / f"images{split}", dataset / f"labels{split}"
     if not images_dir.is_dir() or not labels_dir.is_dir():
-        raise LesionLocatorError(f"{dataset} is not an nnU-Net raw dataset: it needs imagesTr/<case>_0000.nii.gz and "
-                                 "labelsTr/<case>.nii.gz (lesion labels on the image grid).")
+        raise LesionLocatorError(f"{dataset} is not an nnU-Net raw dataset: it needs images{split}/<case>_0000.nii.gz "
+                                 f"and labels{split}/<case>.nii.gz (lesion labels on the image grid).")
     images, labels = _files_by_stem(images_dir), _files_by_stem(labels_dir)
     extra_channels = sorted(stem for stem in images if not stem.endswith(CHANNEL_SUFFIX))
     if extra_channels:
@@ -79,6 +80,13 @@ def lesion_masks(labels_zyx: np.ndarray) -> list[np.ndarray]:
         components, count = ndimage.label(labels_zyx == value, structure=structure)
         masks.extend(components == k for k in range(1, count + 1))
     return masks
+
+
+def read_case(image_path: Path, label_path: Path):
+    """(float32 CT, lesion masks) of one case, checked."""
+    image, labels = read_image(image_path), read_image(label_path)
+    _check_pair(image, labels, image_path, label_path)
+    return image.with_array(image.array.astype(np.float32)), lesion_masks(np.rint(labels.array).astype(np.int64))
 
 
 def _check_pair(image, labels, image_path: Path, label_path: Path) -> None:
@@ -112,10 +120,8 @@ def fill_own_cache(dataset: str | Path, folder: str | Path, config: LiteModelCon
     preprocessor = Preprocessor(plans_model_folder(config))
     paths: list[Path] = []
     for number, (case, image_path, label_path) in enumerate(cases):
-        image, labels = read_image(image_path), read_image(label_path)
-        _check_pair(image, labels, image_path, label_path)
-        image = image.with_array(image.array.astype(np.float32))
-        for lesion_id, mask in enumerate(lesion_masks(np.rint(labels.array).astype(np.int64)), start=1):
+        image, masks = read_case(image_path, label_path)
+        for lesion_id, mask in enumerate(masks, start=1):
             sample = lesion_sample(image, mask, preprocessor, config, {"case": case, "lesion_id": lesion_id,
                                                                        "source": "own"})
             if sample is not None:
