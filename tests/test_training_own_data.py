@@ -182,3 +182,12 @@ def test_evaluate_scores_every_own_lesion_with_point_and_box(dataset, tmp_path):
 def test_evaluate_needs_the_test_split_or_says_so(dataset):
     with pytest.raises(LesionLocatorError, match="imagesTs"):
         dataset_cases(dataset[0], "Ts")
+
+
+def test_samples_of_unknown_origin_are_never_deleted(dataset, tmp_path):
+    folder = tmp_path / "own"
+    folder.mkdir()
+    foreign = save_sample(folder, 0, TrainingSample(np.zeros((4, 4, 4), np.float32), np.ones((4, 4, 4), bool), {}))
+    with pytest.raises(LesionLocatorError, match="did not make"):
+        fill_own_cache(dataset[0], folder, TINY)
+    assert foreign.is_file()

@@ -113,9 +113,11 @@ def fill_own_cache(dataset: str | Path, folder: str | Path, config: LiteModelCon
                                      f"({saved.get('dataset')}); use another --work-dir or delete that folder.")
         if saved.get("complete"):
             return cached_sample_paths(folder)
+        for stale in cached_sample_paths(folder):  # this dataset's interrupted run: its partial samples are redone
+            stale.unlink()
+    elif cached_sample_paths(folder):
+        raise LesionLocatorError(f"{folder} holds samples that this command did not make; use another --work-dir.")
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in cached_sample_paths(folder):  # an interrupted run: its partial samples are redone
-        stale.unlink()
     source_file.write_text(json.dumps(source, indent=1))
     preprocessor = Preprocessor(plans_model_folder(config))
     paths: list[Path] = []
