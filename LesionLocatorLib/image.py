@@ -113,10 +113,19 @@ class ImageVolume:
         return image
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """A file with an image extension SimpleITK reads (a DICOM series is a folder instead)."""
+    path = Path(path)
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
 def image_stem(path: str | os.PathLike) -> str:
     """File name without the image extension ('a.nii.gz' -> 'a'); a DICOM folder keeps its name."""
     name = Path(path).name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd"):
+    for ext in (*IMAGE_SUFFIXES, ".seg.nrrd"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name

@@ -12,11 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LesionLocatorError, PromptError
-from .image import ImageVolume, image_stem, read_image, write_mask, write_volume
+from .image import ImageVolume, image_stem, is_image_file, read_image, write_mask, write_volume
 from .prompts import MaskPrompt, Prompt, load_prompt_json, split_instance_mask
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
 
 @dataclass
 class Case:
@@ -66,12 +63,8 @@ def resolve_model_root(model: str | None) -> Path:
     return model_root(model or "lesionlocator-lite")
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
 def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and not any(_is_image_file(p) for p in path.iterdir())
+    return path.is_dir() and not any(is_image_file(p) for p in path.iterdir())
 
 
 def find_cases(image_arg: str, prompt_arg: str) -> list[Case]:
@@ -80,16 +73,16 @@ def find_cases(image_arg: str, prompt_arg: str) -> list[Case]:
         raise LesionLocatorError(f"Input not found: {images}")
     if not prompts.exists():
         raise LesionLocatorError(f"Prompt not found: {prompts}")
-    if _is_image_file(images) or _is_dicom_folder(images):
+    if is_image_file(images) or _is_dicom_folder(images):
         if prompts.is_dir():
             raise LesionLocatorError("A single image needs a single prompt file (-p), not a folder.")
         return [Case(images, prompts)]
     if not prompts.is_dir():
         raise LesionLocatorError("A folder of images (-i) needs a folder of prompts (-p) named like the images.")
-    by_stem = {image_stem(p) if _is_image_file(p) else p.stem: p for p in prompts.iterdir()
-               if p.suffix == ".json" or _is_image_file(p)}
+    by_stem = {image_stem(p) if is_image_file(p) else p.stem: p for p in prompts.iterdir()
+               if p.suffix == ".json" or is_image_file(p)}
     cases, missing = [], []
-    for image in sorted(p for p in images.iterdir() if _is_image_file(p)):
+    for image in sorted(p for p in images.iterdir() if is_image_file(p)):
         prompt = by_stem.get(image_stem(image))
         if prompt is None:
             missing.append(image.name)

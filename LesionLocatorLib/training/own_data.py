@@ -1,6 +1,6 @@
 """Fine-tuning on your own annotated CT scans, given as an nnU-Net raw dataset folder:
 
-    DATASET/imagesTr/<case>_0000.nii.gz   one CT per case, in HU (.nii.gz, .nii, .nrrd or .mha)
+    DATASET/imagesTr/<case>_0000.nii.gz   one CT per case, in HU (any image format of image.IMAGE_SUFFIXES)
     DATASET/labelsTr/<case>.nii.gz        its lesion labels on the same grid (0 = background)
 
 Every connected component of every label value is one lesion (a binary mask of several lesions works, and so does
@@ -18,31 +18,19 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import LesionLocatorError
-from ..image import read_image
+from ..image import IMAGE_SUFFIXES, image_stem, is_image_file, read_image
 from ..preprocessing import Preprocessor
 from .plans import LiteModelConfig, plans_model_folder
 from .samples import cached_sample_paths, lesion_sample, save_sample
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 CHANNEL_SUFFIX = "_0000"
 SOURCE_FILE = "source.json"
 AIR_HU = -500.0  # a CT in HU has air (around -1000) in its first percentile; MR and PET do not
 
 
-def _split_extension(name: str) -> tuple[str, str] | None:
-    for extension in IMAGE_EXTENSIONS:
-        if name.endswith(extension):
-            return name[: -len(extension)], extension
-    return None
-
-
 def _files_by_stem(folder: Path) -> dict[str, Path]:
-    files = {}
-    for path in sorted(folder.iterdir()):
-        split = _split_extension(path.name)
-        if split is not None and not path.name.startswith("."):
-            files[split[0]] = path
-    return files
+    return {image_stem(path): path for path in sorted(folder.iterdir())
+            if is_image_file(path) and not path.name.startswith(".")}
 
 
 def dataset_cases(dataset: str | Path, split: str = "Tr") -> list[tuple[str, Path, Path]]:
@@ -66,7 +54,7 @@ def dataset_cases(dataset: str | Path, split: str = "Tr") -> list[tuple[str, Pat
     if orphans:
         raise LesionLocatorError(f"Label {labels[orphans[0]]} has no image: add imagesTr/{orphans[0]}_0000.nii.gz.")
     if not images:
-        raise LesionLocatorError(f"{images_dir} holds no image ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise LesionLocatorError(f"{images_dir} holds no image ({', '.join(IMAGE_SUFFIXES)}).")
     return [(case, images[case], labels[case]) for case in sorted(images)]
 
 
