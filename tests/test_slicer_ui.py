@@ -35,8 +35,8 @@ EXPECTED_CLASSES = {
     "cpuWarningLabel": "QLabel",
 }
 # Widgets that the parameter node wrapper can bind to each parameter type (Slicer's GUI connectors).
-CONNECTORS = {"str": {"QComboBox", "ctkComboBox", "QLineEdit"}, "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"}, "ModelChoice": {"QComboBox", "ctkComboBox"},
-              "Path": {"ctkPathLineEdit", "ctkDirectoryButton"}, "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
+CONNECTORS = {"str": {"QComboBox", "ctkComboBox", "QLineEdit"}, "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"},
+              "ModelChoice": {"QComboBox", "ctkComboBox"}, "Path": {"ctkPathLineEdit", "ctkDirectoryButton"}, "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
 
 
 @pytest.fixture(scope="module")
