@@ -36,7 +36,8 @@ EXPECTED_CLASSES = {
 }
 # Widgets that the parameter node wrapper can bind to each parameter type (Slicer's GUI connectors).
 CONNECTORS = {"str": {"QComboBox", "ctkComboBox", "QLineEdit"}, "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"},
-              "ModelChoice": {"QComboBox", "ctkComboBox"}, "Path": {"ctkPathLineEdit", "ctkDirectoryButton"}, "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
+              "ModelChoice": {"QComboBox", "ctkComboBox"}, "Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
+              "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
 
 
 @pytest.fixture(scope="module")
