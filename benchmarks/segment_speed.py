@@ -9,7 +9,9 @@ own process, and prints wall time and peak memory and the ratios to roi measured
   `DefaultPreprocessor.run_case_npy` on the whole image (crop to non-zero with hole filling, normalization,
   resampling of the image and of the non-zero mask), whole-grid logits (NaN outside the patch), then
   `convert_predicted_logits_to_segmentation_with_correct_shape` (both logit channels resampled back, argmax).
-It also prints the share of the roi time spent in the network pass.
+It also prints the share of the roi time spent in the network pass, the pass's arithmetic rate (its floating-point
+operations counted once on PyTorch's meta device) and the highest exact/roi time ratio this machine allows: the exact
+time over the roi network time, reached only if everything in roi but the network took no time.
 
     python benchmarks/segment_speed.py [--work DIR] [--threads N] [--shape-zyx 400 512 512] [--bf16] [--modes ...]
 
@@ -41,13 +43,30 @@ PATCH_ZYX = [128, 160, 160]
 SPACING_ZYX = [1.0, 0.8, 0.8]
 
 
+ARCHITECTURE = {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                "arch_kwargs": RESENC_L, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+def network_pass_flops() -> float:
+    """Floating-point operations of one inference pass on one patch, counted without computing (meta device)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from LesionLocatorLib.checkpoint import build_network_from_architecture
+
+    with torch.device("meta"):
+        network = build_network_from_architecture(ARCHITECTURE, 2, 2)
+    network.decoder.deep_supervision = False  # as in inference
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        network(torch.empty(1, 2, *PATCH_ZYX, device="meta"))
+    return float(counter.get_total_flops())
+
+
 def write_checkpoint_root(root: Path) -> None:
     import torch
 
     from LesionLocatorLib.checkpoint import build_network_from_architecture, save_checkpoint
 
-    architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-                    "arch_kwargs": RESENC_L, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
     resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
                   "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
                   "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
@@ -61,12 +80,12 @@ def write_checkpoint_root(root: Path) -> None:
         "configurations": {"3d_fullres": {"patch_size": PATCH_ZYX, "spacing": SPACING_ZYX, "batch_size": 2,
                                           "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
                                           "preprocessor_name": "DefaultPreprocessor", "data_identifier": "bench",
-                                          "architecture": architecture, **resampling},
+                                          "architecture": ARCHITECTURE, **resampling},
                            "3d_fullres_bs3": {"inherits_from": "3d_fullres", "batch_size": 3}},
     }
     dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}
     torch.manual_seed(0)
-    weights = build_network_from_architecture(architecture, 2, 2).state_dict()
+    weights = build_network_from_architecture(ARCHITECTURE, 2, 2).state_dict()
     folder = root / "LesionLocatorSeg" / "point_optimized"
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans))
@@ -152,7 +171,8 @@ def measure(mode: str, root: str, shape_zyx, threads: int, bf16: bool, queue) ->
     else:
         mask = segmenter.segment(image, {1: PointPrompt(point)}).masks[1]
     wall = time.perf_counter() - start
-    queue.put({"mode": mode, "wall_s": wall, "network_s": sum(network_seconds), "peak_extra_mib": (_memory_kib("VmHWM") - before) / 1024,
+    queue.put({"mode": mode, "wall_s": wall, "network_s": sum(network_seconds), "tiles": len(network_seconds),
+               "peak_extra_mib": (_memory_kib("VmHWM") - before) / 1024,
                "peak_total_mib": _memory_kib("VmHWM") / 1024, "lesion_voxels": int(mask.sum())})
 
 
@@ -195,6 +215,12 @@ def main() -> None:
             print(f"ratio {mode}/roi: wall time {other['wall_s'] / roi['wall_s']:.1f}x, "
                   f"peak memory {other['peak_extra_mib'] / max(roi['peak_extra_mib'], 1):.1f}x")
     print(f"roi mode: network pass {100 * roi['network_s'] / roi['wall_s']:.0f}% of the time")
+    flops = network_pass_flops() * roi["tiles"]
+    print(f"network pass: {flops / 1e12:.2f} TFLOP ({roi['tiles']} patch), run at {flops / roi['network_s'] / 1e9:.0f} "
+          "GFLOP/s in roi mode")
+    if "exact" in results:
+        print(f"highest exact/roi wall-time ratio on this machine (roi without anything but its network pass): "
+              f"{results['exact']['wall_s'] / roi['network_s']:.1f}x")
     sys.stdout.flush()
 
 
