@@ -146,18 +146,22 @@ class Segmenter:
             report(number / max(len(prompts), 1), f"lesion {lesion_id} ({number + 1}/{len(prompts)})")
             try:
                 prompt = validate_prompt(prompt, image.shape_zyx)
-                score = self._segment_one(image, prompt, whole_image_cache, cancel_event)
+                score, region = self._segment_one(image, prompt, whole_image_cache, cancel_event)
             except PromptError as error:
                 result.errors[lesion_id] = str(error)
                 continue
-            result.masks[lesion_id] = (score > 0).astype(np.uint8)
+            result.masks[lesion_id] = _paste(score > 0, region, image.shape_zyx, 0, np.uint8)
             if return_probabilities:
-                result.probabilities[lesion_id] = _sigmoid(score)
+                result.probabilities[lesion_id] = _paste(_sigmoid(score), region, image.shape_zyx,
+                                                         _sigmoid(np.float32(OUTSIDE_FG_MINUS_BG)), np.float32)
         report(1.0, "done")
         return result
 
-    def _segment_one(self, image: ImageVolume, prompt: Prompt, cache: dict, cancel_event) -> np.ndarray:
-        """Foreground-minus-background logits on the original grid (-inf-like outside the predicted region)."""
+    def _segment_one(self, image: ImageVolume, prompt: Prompt, cache: dict,
+                     cancel_event) -> tuple[np.ndarray, Region]:
+        """Foreground-minus-background logits on the region of the original grid (z,y,x) that the prediction covers;
+        the rest is background. Only that region is returned: whole-image score arrays cost more than the roi
+        pipeline besides the network."""
         task = self.task_for(prompt)
         model = self.model_for(task)
         if self.mode == "exact":
@@ -169,10 +173,7 @@ class Segmenter:
         check_cancel(cancel_event)
         dense = self.dense_prompt(prompt, pre, model, task)
         difference = model.fg_minus_bg(pre, dense, cancel_event)
-        score = np.full(image.shape_zyx, OUTSIDE_FG_MINUS_BG, dtype=np.float32)
-        values, region = model.to_original(difference, pre, whole_grid=self.mode == "exact")
-        score[region] = values
-        return score
+        return model.to_original(difference, pre, whole_grid=self.mode == "exact")
 
     # --- prompt geometry ---------------------------------------------------------------------------------------
     def roi_for(self, prompt: Prompt, image: ImageVolume, model: SegmentationModel) -> Region:
@@ -231,6 +232,13 @@ def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(prompt.lo_zyx, float), np.asarray(prompt.hi_zyx, float)
     coords = np.argwhere(prompt.mask)
     return coords.min(axis=0).astype(float), coords.max(axis=0).astype(float) + 1
+
+
+def _paste(values: np.ndarray, region: Region, shape_zyx, outside, dtype) -> np.ndarray:
+    """A whole-image array holding `values` in `region` and `outside` elsewhere."""
+    whole = np.zeros(shape_zyx, dtype) if outside == 0 else np.full(shape_zyx, outside, dtype)
+    whole[region] = values
+    return whole
 
 
 def _sigmoid(score: np.ndarray) -> np.ndarray:
