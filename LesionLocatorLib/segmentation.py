@@ -150,10 +150,13 @@ class Segmenter:
             except PromptError as error:
                 result.errors[lesion_id] = str(error)
                 continue
-            result.masks[lesion_id] = _paste(score > 0, region, image.shape_zyx, 0, np.uint8)
+            mask = np.zeros(image.shape_zyx, np.uint8)
+            mask[region] = score > 0
+            result.masks[lesion_id] = mask
             if return_probabilities:
-                result.probabilities[lesion_id] = _paste(_sigmoid(score), region, image.shape_zyx,
-                                                         _sigmoid(np.float32(OUTSIDE_FG_MINUS_BG)), np.float32)
+                probability = np.full(image.shape_zyx, _sigmoid(np.float32(OUTSIDE_FG_MINUS_BG)), np.float32)
+                probability[region] = _sigmoid(score)
+                result.probabilities[lesion_id] = probability
         report(1.0, "done")
         return result
 
@@ -232,13 +235,6 @@ def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(prompt.lo_zyx, float), np.asarray(prompt.hi_zyx, float)
     coords = np.argwhere(prompt.mask)
     return coords.min(axis=0).astype(float), coords.max(axis=0).astype(float) + 1
-
-
-def _paste(values: np.ndarray, region: Region, shape_zyx, outside, dtype) -> np.ndarray:
-    """A whole-image array holding `values` in `region` and `outside` elsewhere."""
-    whole = np.zeros(shape_zyx, dtype) if outside == 0 else np.full(shape_zyx, outside, dtype)
-    whole[region] = values
-    return whole
 
 
 def _sigmoid(score: np.ndarray) -> np.ndarray:
