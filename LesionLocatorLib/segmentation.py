@@ -20,7 +20,7 @@ from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
-    BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
+    BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
     point_to_preprocessed, validate_prompt,
 )
 
@@ -219,9 +219,11 @@ def prompt_window(lo_zyx: np.ndarray, hi_zyx: np.ndarray, image: ImageVolume, pa
     patch_original = patch * target / spacing
     margin = ROI_MARGIN_TARGET_VOXELS * target / spacing + ROI_MARGIN_ORIGINAL_VOXELS
     extent = hi_zyx - lo_zyx
-    # a prompt larger than the patch on any axis is covered by sliding-window tiles, which reach up to one patch
-    # beyond it on every axis
-    sliding = np.any(extent * spacing / target + 2 > patch)
+    # A prompt larger than the patch on any axis is covered by sliding-window tiles, which reach up to one patch
+    # beyond it on every axis. On the grid a box spans up to its scaled extent + its margins + 2 voxels of
+    # floor/ceil (+1 for the grid shape's rounding); counting high only widens the window, counting low left
+    # tiles outside it.
+    sliding = np.any(extent * spacing / target + 2 * BOX_MARGIN_VOXELS + 3 > patch)
     half = (extent / 2 + patch_original if sliding else patch_original / 2) + margin
     return centred_region((lo_zyx + hi_zyx) / 2, half, image.shape_zyx)
 

@@ -171,3 +171,22 @@ def test_cli_reads_a_dicom_series_folder(tmp_path: Path):
                      "-m", str(TINY), "-device", "cpu", "--preset", "fast", "--disable_progress_bar"]) == 0
     output = read_image(tmp_path / "o" / "example_ct_dicom_lesion_1.nii.gz")
     assert output.shape_zyx == (20, 512, 512)
+
+
+def test_roi_mode_handles_boxes_at_the_patch_size_like_exact_mode():
+    """Boxes whose grid extent lands within a few voxels of the patch (48 voxels in z for the bundled model):
+    floor/ceil and the box margin can push them over, into sliding-window tiles that roi's window must hold."""
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+
+    spacing_zyx = (1.02487, 1.004056, 1.004056)  # a head phantom that once made roi mode fail
+    rng = np.random.default_rng(3)
+    array = rng.normal(0, 30, (132, 205, 166)).astype(np.float32)
+    image = ImageVolume(array, spacing_zyx[::-1], (0.0, 0.0, 0.0), np.eye(3))
+    roi = Segmenter.from_folder(BUNDLED_LITE_DIR, device="cpu", preset="fast", mode="roi")
+    exact = Segmenter.from_folder(BUNDLED_LITE_DIR, device="cpu", preset="fast", mode="exact")
+    boxes = {number: BoxPrompt((18.0 + number / 3, 92, 24), (18.0 + number / 3 + extent_z, 178, 96))
+             for number, extent_z in enumerate(range(87, 91))}
+    roi_masks, exact_masks = roi.segment(image, boxes).masks, exact.segment(image, boxes).masks
+    assert sorted(roi_masks) == sorted(boxes)
+    for lesion_id in boxes:
+        assert np.array_equal(roi_masks[lesion_id], exact_masks[lesion_id]), lesion_id
