@@ -82,11 +82,13 @@ def _rounded(point) -> list[float] | None:
 def lesion_record(lesion_id: int, timepoint: int, image: ImageVolume, mask: np.ndarray | None, source: str,
                   message: str = "") -> LesionAtTimepoint:
     """Volume and centre of a lesion mask; an empty or missing mask is 'not found'."""
-    if mask is None or not np.any(mask):
+    # the voxel list, not ndimage.center_of_mass: that multiplies index grids over the whole scan (~0.5 s a CT)
+    voxels_zyx = None if mask is None else np.argwhere(mask)
+    if voxels_zyx is None or len(voxels_zyx) == 0:
         return LesionAtTimepoint(lesion_id, timepoint, False, None, source=source,
                                  message=message or "not found at this timepoint; place a prompt on it to re-prompt")
-    centre_zyx = np.asarray(ndimage.center_of_mass(mask))
-    volume_ml = float(mask.sum()) * float(np.prod(image.spacing_xyz)) / 1000.0
+    centre_zyx = voxels_zyx.mean(axis=0)
+    volume_ml = len(voxels_zyx) * float(np.prod(image.spacing_xyz)) / 1000.0
     return LesionAtTimepoint(lesion_id, timepoint, True, mask.astype(np.uint8), volume_ml,
                              tuple(image.index_zyx_to_lps(centre_zyx)), tuple(image.index_zyx_to_ras(centre_zyx)),
                              source, message)

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from LesionLocatorLib.image import ImageVolume, read_image
 from LesionLocatorLib.registration import RegistrationError
-from LesionLocatorLib.registration.classical import ClassicalRegistration
+from LesionLocatorLib.registration.classical import MAX_METRIC_SAMPLES, ClassicalRegistration, metric_sampling_fractions
 
 MS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "open_ms_longitudinal" / "raw"
 MOVING_SPACING_XYZ = (2.5, 2.5, 4.0)
@@ -160,3 +160,12 @@ def test_warp_near_equals_the_whole_grid_warp_inside_its_region():
     near, region = deformation.warp_mask_near(mask)
     assert whole.sum() > 0 and np.array_equal(near, whole[region]) and whole.sum() == near.sum()
     assert near.size < whole.size
+
+
+def test_metric_samples_are_capped_per_pyramid_level():
+    # a 512x512x200 CT on the 3 mm working grid: 137x137x167 voxels
+    voxels = 137 * 137 * 167
+    fractions = metric_sampling_fractions([4, 2, 1], voxels, 0.2)
+    assert fractions[:2] == [0.2, 0.2]  # coarse levels keep the requested share
+    assert fractions[2] * voxels == pytest.approx(MAX_METRIC_SAMPLES)
+    assert metric_sampling_fractions([2, 1], 40 * 40 * 40, 0.2) == [0.2, 0.2]  # small scans are not touched

@@ -19,6 +19,8 @@ HISTOGRAM_BINS = 32
 SAMPLING_SEED = 20250
 # Room around a mask's affinely mapped bounding box for what the deformable stage adds.
 NEAR_MARGIN_MM = 25.0
+# Metric samples per pyramid level of the affine stage (Mattes MI, 32 bins).
+MAX_METRIC_SAMPLES = 150_000
 # Above this many working voxels (e.g. a whole-body CT at 3 mm) demons runs on a 2x coarser grid.
 DEMONS_MAX_VOXELS = 1_500_000
 
@@ -160,13 +162,14 @@ class ClassicalRegistration(Registration):
         return TransformDeformation(transform, moving_grid=moving, fixed_grid=fixed)
 
     # --- stages ---------------------------------------------------------------------------------------------
-    def _affine_method(self, shrink_factors: list[int]) -> sitk.ImageRegistrationMethod:
+    def _affine_method(self, shrink_factors: list[int], fixed_voxels: int) -> sitk.ImageRegistrationMethod:
         method = sitk.ImageRegistrationMethod()
         method.SetNumberOfThreads(self.threads)
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=HISTOGRAM_BINS)
         method.SetMetricSamplingStrategy(method.RANDOM)
         # A fixed seed makes the random sampling, and so the result, reproducible.
-        method.SetMetricSamplingPercentage(self.sampling_fraction, SAMPLING_SEED)
+        method.SetMetricSamplingPercentagePerLevel(
+            metric_sampling_fractions(shrink_factors, fixed_voxels, self.sampling_fraction), SAMPLING_SEED)
         method.SetInterpolator(sitk.sitkLinear)
         method.SetShrinkFactorsPerLevel(shrink_factors)
         method.SetSmoothingSigmasPerLevel([factor // 2 for factor in shrink_factors])  # voxels: 2, 1, 0
@@ -177,7 +180,8 @@ class ClassicalRegistration(Registration):
         return method
 
     def _register_affine(self, fixed_image: sitk.Image, moving_image: sitk.Image) -> sitk.AffineTransform:
-        method = self._affine_method(_shrink_factors(fixed_image, moving_image, [4, 2, 1]))
+        method = self._affine_method(_shrink_factors(fixed_image, moving_image, [4, 2, 1]),
+                                     fixed_image.GetNumberOfPixels())
         initial = self._best_initial_transform(fixed_image, moving_image, method)
         method.SetInitialTransform(initial, inPlace=True)
         method.SetOptimizerScalesFromPhysicalShift()
@@ -221,6 +225,13 @@ class ClassicalRegistration(Registration):
         return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
+def metric_sampling_fractions(shrink_factors: list[int], fixed_voxels: int, fraction: float) -> list[float]:
+    """The share of voxels sampled per pyramid level: `fraction`, but at most MAX_METRIC_SAMPLES. A large field of
+    view at full working resolution otherwise spends most of the registration on samples that 32-bin histograms
+    do not need (a 512x512x200 CT: 630 000 samples per iteration, 0.4 s each)."""
+    return [min(fraction, MAX_METRIC_SAMPLES * factor**3 / max(fixed_voxels, 1)) for factor in shrink_factors]
+
+
 def _metric_value(
     method: sitk.ImageRegistrationMethod, fixed_image: sitk.Image, moving_image: sitk.Image, transform: sitk.Transform
 ) -> float:
@@ -245,8 +256,11 @@ def _working_image(volume: ImageVolume, spacing_mm: float) -> sitk.Image:
     """
     # the robust range from a subsample: percentiles of every voxel of a large CT cost seconds
     low, high = np.percentile(volume.array[::2, ::4, ::4], [0.5, 99.5])
-    scaled = np.clip((volume.array.astype(np.float32) - low) / max(float(high - low), 1e-6), 0.0, 1.0)
-    image = volume.to_sitk(scaled.astype(np.float32))
+    scaled = volume.array.astype(np.float32)  # a copy, scaled in place: whole-CT temporaries cost seconds
+    scaled -= np.float32(low)
+    scaled *= np.float32(1.0 / max(float(high - low), 1e-6))
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    image = volume.to_sitk(scaled)
     # Average whole blocks first where an axis is downsampled 3x or more (cheap anti-aliasing that shrinks the
     # image), then Gaussian anti-aliasing for what is left of the downsampling, per axis.
     block = [max(int(spacing_mm / s / 1.5), 1) for s in volume.spacing_xyz]
