@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from LesionLocatorLib.training.evaluate import TrackScore, core_point, open_ms_lesions, summarize_tracking
-from LesionLocatorLib.training.validation import mean_ci95
+from LesionLocatorLib.preprocessing import Preprocessor
+from LesionLocatorLib.training.plans import LiteModelConfig, plans_model_folder
+from LesionLocatorLib.training.validation import LesionScore, mean_ci95, spacing_ceiling_dice, summarize
 from golden import SHARED
 
 
@@ -41,3 +43,33 @@ def test_open_ms_expert_lesions_land_in_the_raw_study():
     assert lesions and all(mask.shape == study.shape_zyx for mask in lesions.values())
     brightness = np.mean([study.array[mask].mean() for mask in lesions.values()])
     assert brightness > np.percentile(study.array[study.array > 0], 75)  # MS lesions are bright on FLAIR
+
+
+def sphere_zyx(shape_zyx, spacing_zyx, radius_mm: float) -> np.ndarray:
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape_zyx, spacing_zyx)]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    return z**2 + y**2 + x**2 <= radius_mm**2
+
+
+def test_spacing_ceiling_falls_for_lesions_a_few_model_voxels_across():
+    coarse = Preprocessor(plans_model_folder(LiteModelConfig(spacing_zyx=(2.0, 1.5, 1.5))))
+    image_spacing_zyx = (1.0, 0.8, 0.8)  # anisotropic scan (z, y, x)
+    large = sphere_zyx((50, 60, 60), image_spacing_zyx, 20.0)
+    small = sphere_zyx((20, 30, 30), image_spacing_zyx, 2.5)  # 5 mm: 2.5 voxels of the model's grid
+    assert spacing_ceiling_dice(large, image_spacing_zyx, coarse) > 0.95
+    assert spacing_ceiling_dice(small, image_spacing_zyx, coarse) < 0.9
+    # the model's own spacing: nothing is lost on the way
+    native = Preprocessor(plans_model_folder(LiteModelConfig(spacing_zyx=image_spacing_zyx)))
+    assert spacing_ceiling_dice(small, image_spacing_zyx, native) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="empty"):
+        spacing_ceiling_dice(np.zeros((4, 4, 4), bool), image_spacing_zyx, coarse)
+
+
+def test_summary_reports_the_spacing_ceiling_only_when_every_lesion_has_one():
+    scores = [LesionScore("a", 1, "box", 0.6, 5.0, "lung", "sphere", 0.1, 0.8),
+              LesionScore("a", 2, "box", 0.9, 30.0, "lung", "sphere", 0.1, 1.0)]
+    summary = summarize(scores)["box"]
+    assert summary["spacing_ceiling"] == pytest.approx(0.9)
+    assert summary["by_diameter"]["0-10mm"]["spacing_ceiling"] == pytest.approx(0.8)
+    unknown = summarize([LesionScore("a", 1, "box", 0.6, 5.0, "lung", "sphere", 0.1)])["box"]
+    assert "spacing_ceiling" not in unknown

@@ -25,7 +25,9 @@ from scipy import ndimage
 
 from ..image import ImageVolume, read_image
 from ..prompts import PointPrompt
-from .validation import LesionScore, dice_score, evaluate_segmentation, mean_ci95, scores_as_dicts, summarize
+from .validation import (
+    LesionScore, dice_score, evaluate_segmentation, mean_ci95, scores_as_dicts, spacing_ceiling_dice, summarize,
+)
 
 CPM_RADIUS_MM = 25.0
 OPEN_MS_PATIENTS = ("01", "03", "12", "19")
@@ -166,8 +168,10 @@ def evaluate_own_data(model_root, dataset: Path, split: str, device: str) -> lis
             started = time.perf_counter()
             result = segmenter.segment(image, prompts)
             seconds = (time.perf_counter() - started) / max(len(prompts), 1)
+            preprocessor = segmenter.model_for(kind).preprocessor
             scores.extend(LesionScore(case, k, kind, dice_score(result.masks.get(k), m),
-                                      equivalent_diameter_mm(m, image.spacing_zyx), "own", "", seconds)
+                                      equivalent_diameter_mm(m, image.spacing_zyx), "own", "", seconds,
+                                      spacing_ceiling_dice(m, image.spacing_zyx, preprocessor))
                           for k, m in lesions.items())
     return scores
 

@@ -32,6 +32,7 @@ class LesionScore:
     site: str
     shape: str
     seconds: float  # engine time per lesion (a whole call divided by its lesions)
+    ceiling_dice: float | None = None  # what a perfect network could reach at the model's spacing
 
 
 def dice_score(prediction: np.ndarray | None, truth: np.ndarray) -> float:
@@ -39,6 +40,25 @@ def dice_score(prediction: np.ndarray | None, truth: np.ndarray) -> float:
     prediction = np.zeros_like(truth) if prediction is None else np.asarray(prediction, bool)
     total = int(prediction.sum()) + int(truth.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, truth).sum()) / total
+
+
+def spacing_ceiling_dice(mask_zyx: np.ndarray, spacing_zyx, preprocessor, margin_voxels: int = 4) -> float:
+    """The Dice of a perfect network at the model's spacing: the exact mask resampled onto the model's grid as
+    training targets are (the plans' label resampling), then hard logits resampled back as inference resamples
+    them. Lesions a few voxels of that grid across lose their shape on the way, whatever the network."""
+    truth = np.asarray(mask_zyx, bool)
+    coords = np.argwhere(truth)
+    if coords.size == 0:
+        raise ValueError("The lesion mask is empty; a ceiling needs a lesion.")
+    lo = np.maximum(coords.min(axis=0) - margin_voxels, 0)
+    hi = np.minimum(coords.max(axis=0) + margin_voxels + 1, truth.shape)
+    crop = truth[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    grid_shape = preprocessor.resampled_shape(crop.shape, spacing_zyx)
+    on_grid = preprocessor.resample_segmentation(crop.astype(np.uint8), spacing_zyx, grid_shape) > 0
+    hard_logits = np.where(on_grid, 10.0, -10.0).astype(np.float32)[None]
+    back = preprocessor.configuration.resampling_fn_probabilities(hard_logits, crop.shape,
+                                                                  preprocessor.target_spacing_zyx, spacing_zyx)
+    return dice_score(np.asarray(back)[0] > 0, crop)
 
 
 def _prompts(case: ValidationCase, kind: str) -> dict:
@@ -65,10 +85,13 @@ def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase
             started = time.perf_counter()
             result = segmenter.segment(case.image, prompts)
             seconds = (time.perf_counter() - started) / max(len(prompts), 1)
+            preprocessor = segmenter.model_for(kind).preprocessor
             for lesion in case.lesions:
-                score = dice_score(result.masks.get(lesion.lesion_id), case.lesion_mask(lesion.lesion_id))
+                truth = case.lesion_mask(lesion.lesion_id)
+                score = dice_score(result.masks.get(lesion.lesion_id), truth)
+                ceiling = spacing_ceiling_dice(truth, case.image.spacing_zyx, preprocessor)
                 scores.append(LesionScore(case.name, lesion.lesion_id, kind, score, lesion.diameter_mm, lesion.site,
-                                          lesion.shape_kind, seconds))
+                                          lesion.shape_kind, seconds, ceiling))
     return scores
 
 
@@ -113,18 +136,21 @@ def mean_ci95(values: Sequence[float], seed: int = 0) -> list[float]:
 
 def summarize(scores: Sequence[LesionScore]) -> dict:
     """Per prompt kind: lesions, mean Dice with its bootstrap 95 % interval, median Dice, share with Dice >= 0.5,
-    mean seconds, mean Dice per size bin."""
+    mean seconds, mean Dice per size bin, and (where known) the mean spacing ceiling overall and per bin."""
     summary = {}
     for kind in sorted({s.prompt for s in scores}):
         chosen = [s for s in scores if s.prompt == kind]
         dice = np.array([s.dice for s in chosen])
         diameters = np.array([s.diameter_mm for s in chosen])
+        ceilings = None if any(s.ceiling_dice is None for s in chosen) else np.array([s.ceiling_dice for s in chosen])
         bins = {}
         for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:]):
             inside = (diameters >= lo) & (diameters < hi)
             if np.any(inside):
                 label = f"{lo:.0f}-{hi:.0f}mm" if np.isfinite(hi) else f">={lo:.0f}mm"
                 bins[label] = {"lesions": int(inside.sum()), "mean_dice": round(float(dice[inside].mean()), 4)}
+                if ceilings is not None:
+                    bins[label]["spacing_ceiling"] = round(float(ceilings[inside].mean()), 4)
         summary[kind] = {
             "lesions": len(chosen),
             "mean_dice": round(float(dice.mean()), 4),
@@ -134,9 +160,12 @@ def summarize(scores: Sequence[LesionScore]) -> dict:
             "mean_seconds_per_lesion": round(float(np.mean([s.seconds for s in chosen])), 3),
             "by_diameter": bins,
         }
+        if ceilings is not None:
+            summary[kind]["spacing_ceiling"] = round(float(ceilings.mean()), 4)
     return summary
 
 
 def scores_as_dicts(scores: Sequence[LesionScore]) -> list[dict]:
     return [{**asdict(s), "dice": round(s.dice, 4), "diameter_mm": round(s.diameter_mm, 2),
-             "seconds": round(s.seconds, 3)} for s in scores]
+             "seconds": round(s.seconds, 3),
+             "ceiling_dice": None if s.ceiling_dice is None else round(s.ceiling_dice, 4)} for s in scores]
