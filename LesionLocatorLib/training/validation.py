@@ -45,7 +45,8 @@ def dice_score(prediction: np.ndarray | None, truth: np.ndarray) -> float:
 def spacing_ceiling_dice(mask_zyx: np.ndarray, spacing_zyx, preprocessor, margin_voxels: int = 4) -> float:
     """The Dice of a perfect network at the model's spacing: the exact mask resampled onto the model's grid as
     training targets are (the plans' label resampling), then hard logits resampled back as inference resamples
-    them. Lesions a few voxels of that grid across lose their shape on the way, whatever the network."""
+    them. Lesions a few voxels of that grid across lose their shape on the way, whatever the network. The grid is
+    that of a crop around the lesion, not the whole image's, so for such lesions the value is an estimate."""
     truth = np.asarray(mask_zyx, bool)
     coords = np.argwhere(truth)
     if coords.size == 0:
