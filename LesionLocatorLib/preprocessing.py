@@ -182,9 +182,14 @@ class Preprocessor:
 
     def logits_to_original(self, logits_czyx: np.ndarray, pre: PreprocessedImage) -> np.ndarray:
         """Resample whole-grid logits back onto the original voxels of the non-zero crop (exact mode)."""
+        return self.resample_logits(logits_czyx, pre.nonzero_shape_zyx, pre.original_spacing_zyx)
+
+    def resample_logits(self, logits_czyx: np.ndarray, shape_zyx, original_spacing_zyx) -> np.ndarray:
+        """Logits on the model's grid -> `shape_zyx` voxels of `original_spacing_zyx` (the plans' probability
+        resampling)."""
         return np.asarray(
             self.configuration.resampling_fn_probabilities(
-                logits_czyx, pre.nonzero_shape_zyx, pre.target_spacing_zyx, pre.original_spacing_zyx
+                logits_czyx, shape_zyx, self.target_spacing_zyx, original_spacing_zyx
             ),
             dtype=np.float32,
         )

@@ -57,9 +57,8 @@ def spacing_ceiling_dice(mask_zyx: np.ndarray, spacing_zyx, preprocessor, margin
     grid_shape = preprocessor.resampled_shape(crop.shape, spacing_zyx)
     on_grid = preprocessor.resample_segmentation(crop.astype(np.uint8), spacing_zyx, grid_shape) > 0
     hard_logits = np.where(on_grid, 10.0, -10.0).astype(np.float32)[None]
-    back = preprocessor.configuration.resampling_fn_probabilities(hard_logits, crop.shape,
-                                                                  preprocessor.target_spacing_zyx, spacing_zyx)
-    return dice_score(np.asarray(back)[0] > 0, crop)
+    back = preprocessor.resample_logits(hard_logits, crop.shape, spacing_zyx)
+    return dice_score(back[0] > 0, crop)
 
 
 def _prompts(case: ValidationCase, kind: str) -> dict:
