@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from LesionLocatorLib.checkpoint import MODEL_MANIFEST, load_checkpoint_folder, resolve_task_folder
-from LesionLocatorLib.prompts import POINT_BALL_RADIUS
+from LesionLocatorLib.prompts import BOX_MARGIN_VOXELS, POINT_BALL_RADIUS, box_to_preprocessed
 from LesionLocatorLib.synthetic.cases import make_case
 from LesionLocatorLib.synthetic.phantoms import make_phantom
+from LesionLocatorLib.synthetic.prompts import jittered_box
 from LesionLocatorLib.preprocessing import Preprocessor
 from LesionLocatorLib.training.plans import (
     LiteModelConfig, build_lite_network, config_from_plans, make_plans, plans_model_folder, write_model_root,
 )
 from LesionLocatorLib.training.samples import (
     cached_sample_paths, load_sample, make_batch, place_patch, samples_from_case, save_sample, simulate_dense_prompt,
+    user_box_in_preprocessed,
 )
 from LesionLocatorLib.training.trainer import (
     TrainingOptions, TrainingState, deep_supervision_loss, dice_ce_loss, export_model, train,
@@ -85,6 +87,28 @@ def test_prompt_encoding_and_patch_placement_match_inference(tiny_samples):
     patch = np.asarray(TINY.patch_size_zyx)
     free = (lo > 0) & (hi < patch - 1)  # axes where the patch was not shifted by the crop border
     assert np.all(np.abs((lo + hi) / 2 - (patch - 1) / 2)[free] <= 1.0)
+
+
+def test_training_boxes_are_the_boxes_inference_gets_from_a_coarser_scan():
+    # native scan (z, y, x) with 3 mm slices and 1 mm pixels; the network grid is 1 mm: scale (3, 1, 1)
+    native_mask = np.zeros((12, 40, 40), bool)
+    native_mask[4:7, 10:22, 15:30] = True
+    scale_zyx = np.array([3.0, 1.0, 1.0])
+    preprocessed_target = np.repeat(native_mask, 3, axis=0)  # grids aligned: the resampled mask is exact
+    for seed in range(20):
+        native_box = jittered_box(native_mask, np.random.default_rng(seed), max_jitter_voxels=2)
+        inference_box = box_to_preprocessed(*native_box, np.zeros(3), scale_zyx, preprocessed_target.shape)
+        training_box = user_box_in_preprocessed(preprocessed_target, scale_zyx, np.random.default_rng(seed))
+        np.testing.assert_array_equal(training_box, inference_box)
+    # the jitter spans up to 2 native voxels: 6 preprocessed slices in z (+1 margin), 2 voxels (+1) in y and x
+    boxes = [user_box_in_preprocessed(preprocessed_target, scale_zyx, np.random.default_rng(s)) for s in range(200)]
+    target_lo, target_hi = np.array([12, 10, 15]), np.array([21, 22, 30])
+    outward = np.array([np.maximum(target_lo - lo, hi - target_hi) for lo, hi in boxes])
+    assert outward.max(axis=0).tolist() == [6 + BOX_MARGIN_VOXELS, 2 + BOX_MARGIN_VOXELS, 2 + BOX_MARGIN_VOXELS]
+    # without a native spacing the preprocessed grid is taken as the scan's: 2 voxels (+1) on every axis
+    for seed in range(50):
+        box = np.argwhere(simulate_dense_prompt(preprocessed_target, "box", np.random.default_rng(seed)))
+        assert np.all(np.maximum(target_lo - box.min(axis=0), box.max(axis=0) + 1 - target_hi) <= 2 + BOX_MARGIN_VOXELS)
 
 
 def test_batches_have_network_layout(tiny_samples):

@@ -51,8 +51,14 @@ def jittered_box(mask: np.ndarray, rng: np.random.Generator, max_jitter_voxels: 
     """The mask's half-open bounding box, each face moved independently by up to `max_jitter_voxels`: outwards
     freely, inwards by at most a quarter of the lesion's extent (a user's box never cuts away most of a small
     lesion). Clipped to the grid, never empty."""
-    lo, hi = (np.asarray(b) for b in bounding_box(mask))
-    shape = np.asarray(mask.shape)
+    lo, hi = bounding_box(mask)
+    return jitter_box_faces(lo, hi, mask.shape, rng, max_jitter_voxels)
+
+
+def jitter_box_faces(lo_zyx, hi_zyx, shape_zyx, rng: np.random.Generator, max_jitter_voxels: int
+                     ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """`jittered_box` for a given half-open box on a grid of `shape_zyx`."""
+    lo, hi, shape = (np.asarray(v, int) for v in (lo_zyx, hi_zyx, shape_zyx))
     inward = np.minimum(max_jitter_voxels, (hi - lo - 1) // 4)
     lo = np.clip(lo + rng.integers(-max_jitter_voxels, inward + 1), 0, shape - 1)
     hi = np.clip(hi - rng.integers(-max_jitter_voxels, inward + 1), 1, shape)

@@ -6,9 +6,10 @@ normalization and nnU-Net resampling) around it: (patch + 2 x margin) voxels, an
 The window keeps its full size where the image allows it, as the engine's roi mode does.
 
 Batches (fast, at every step): a prompt is simulated on the target mask (a point ball anywhere in the lesion core,
-a jittered box + 1 voxel, or a previous mask), and the patch is placed exactly as inference places it: centred on
-the prompt's bounding box and shifted inside the image (every tile overlapping a larger prompt is a candidate), or,
-for previous masks, centred on their centre of mass as the Tracker places its patch.
+a box jittered on the scan's native grid + 1 voxel, or a previous mask), and the patch is placed exactly as
+inference places it: centred on the prompt's bounding box and shifted inside the image (every tile overlapping a
+larger prompt is a candidate), or, for previous masks, centred on their centre of mass as the Tracker places its
+patch.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from scipy import ndimage
 from ..image import ImageVolume
 from ..prediction import centred_tile_start, inclusive_bbox, tile_starts
 from ..preprocessing import Preprocessor, centred_region
-from ..prompts import BOX_MARGIN_VOXELS, dense_box, dense_point
+from ..prompts import box_to_preprocessed, dense_box, dense_point
 from ..synthetic.backgrounds import Background, load_background
 from ..synthetic.cases import SyntheticCase, make_case
-from ..synthetic.prompts import jittered_box, sample_point_prompt, simulate_previous_mask
+from ..synthetic.prompts import bounding_box, jitter_box_faces, sample_point_prompt, simulate_previous_mask
 from .plans import LiteModelConfig, plans_model_folder
 
 CROP_MARGIN_ZYX = (6, 12, 12)  # preprocessed voxels kept around the patch: room for off-centre prompts
@@ -163,18 +164,34 @@ def fill_cache(folder: str | Path, count: int, generator: SampleGenerator, progr
 
 # --- batches ---------------------------------------------------------------------------------------------------
 def simulate_dense_prompt(target: np.ndarray, kind: str, rng: np.random.Generator,
-                          spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-    """The prompt channel for `target` in preprocessed voxels, as inference encodes it."""
+                          spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+                          native_spacing_zyx: Sequence[float] | None = None) -> np.ndarray:
+    """The prompt channel for `target` in preprocessed voxels, as inference encodes it. `native_spacing_zyx` is
+    the spacing of the scan the sample came from (boxes are drawn on that grid); None means the preprocessed one."""
     if kind == "point":
         return dense_point(sample_point_prompt(target, rng, spacing_zyx), target.shape)
     if kind == "box":
-        lo, hi = jittered_box(target, rng, max_jitter_voxels=2)
-        lo = np.maximum(np.asarray(lo) - BOX_MARGIN_VOXELS, 0)
-        hi = np.minimum(np.asarray(hi) + BOX_MARGIN_VOXELS, target.shape)
-        return dense_box(lo, hi, target.shape)
+        scale_zyx = np.ones(3) if native_spacing_zyx is None else (
+            np.asarray(native_spacing_zyx, float) / np.asarray(spacing_zyx, float))
+        return dense_box(*user_box_in_preprocessed(target, scale_zyx, rng), target.shape)
     if kind == "mask":
         return simulate_previous_mask(target, rng, spacing_zyx).astype(np.float32)
     raise ValueError(f"Unknown prompt kind '{kind}'; use one of {PROMPT_KINDS}.")
+
+
+def user_box_in_preprocessed(target: np.ndarray, scale_zyx: np.ndarray, rng: np.random.Generator,
+                             max_jitter_voxels: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A user's box for `target` (preprocessed voxels) as inference receives it: the lesion's bounding box on the
+    native grid (`scale_zyx` = native / preprocessed spacing; its faces taken as the preprocessed faces rounded to
+    native voxels), each face jittered by up to `max_jitter_voxels` native voxels, then mapped back as the engine
+    maps boxes (`box_to_preprocessed`). On a native grid coarser than the network's the jitter and the rounding
+    span several preprocessed voxels, as they do at inference."""
+    lo, hi = (np.asarray(v, float) for v in bounding_box(target))
+    native_shape = np.maximum(np.round(np.asarray(target.shape) / scale_zyx), 1)
+    native_lo = np.minimum(np.round(lo / scale_zyx), native_shape - 1)
+    native_hi = np.maximum(np.round(hi / scale_zyx), native_lo + 1)
+    native_lo, native_hi = jitter_box_faces(native_lo, native_hi, native_shape, rng, max_jitter_voxels)
+    return box_to_preprocessed(native_lo, native_hi, np.zeros(3), scale_zyx, target.shape)
 
 
 def place_patch(image: np.ndarray, target: np.ndarray, prompt: np.ndarray, patch_size_zyx: Sequence[int],
@@ -213,7 +230,7 @@ def make_batch(samples: Sequence[TrainingSample], patch_size_zyx: Sequence[int],
     inputs, targets = [], []
     for sample in samples:
         kind = str(rng.choice(PROMPT_KINDS, p=np.asarray(prompt_mix) / np.sum(prompt_mix)))
-        prompt = simulate_dense_prompt(sample.target, kind, rng, spacing_zyx)
+        prompt = simulate_dense_prompt(sample.target, kind, rng, spacing_zyx, sample.meta.get("native_spacing_zyx"))
         image, target, prompt = place_patch(sample.image, sample.target, prompt, patch_size_zyx, rng, kind)
         image, target, prompt = augment(image, target, prompt, rng)
         inputs.append(np.stack([image, prompt]))
