@@ -54,6 +54,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="roi: preprocess only around each prompt (fast); exact: whole image, as official")
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_lesion_<id>_prob.nii.gz")
     add_model_options(parser)
+    parser.add_argument("--disable_point_search", action="store_true",
+                        help="answer points with the point network alone, even where the model asks for a point "
+                             "search (the bundled Lite model does: its box network on cubes around the click)")
 
 
 def resolve_model_root(model: str | None) -> Path:
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     segmenter = Segmenter.from_folder(
         resolve_model_root(args.model), device=args.device, preset=args.preset, folds=args.folds,
         use_tta=False if args.disable_tta else None, mode=args.mode, step_size=args.step_size,
-        cpu_bf16=args.bf16, mask_prompt_as=args.prompt_type,
+        cpu_bf16=args.bf16, mask_prompt_as=args.prompt_type, point_search=not args.disable_point_search,
     )
     failures = 0
     for case in find_cases(args.input, args.prompt):

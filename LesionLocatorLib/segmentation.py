@@ -14,10 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, resolve_task_folder
+from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
+from .point_search import PointSearch, boundary_contrast
 from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
     BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
@@ -93,7 +94,9 @@ class Segmenter:
 
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, mode: str = "roi", step_size: float = 0.5, cpu_bf16: bool = False,
-                 mask_prompt_as: str = "box"):
+                 mask_prompt_as: str = "box", point_search: bool = True):
+        """`point_search`: answer clicks by the point search when the model root's manifest asks for one
+        (see point_search.py); False uses the point network alone."""
         check_preset(preset)
         if mode not in MODES:
             raise LesionLocatorError(f"Unknown mode '{mode}'; use 'roi' (fast) or 'exact' (whole image, as official).")
@@ -113,6 +116,8 @@ class Segmenter:
         self._models: dict[str, SegmentationModel] = {}
         if not self.model_root.is_dir():  # fail early on a wrong folder; weights load lazily per task
             raise CheckpointError(f"Model folder not found: {self.model_root}")
+        self.point_search = (PointSearch.from_manifest(read_model_manifest(self.model_root), str(self.model_root))
+                             if point_search else None)
 
     @classmethod
     def from_folder(cls, model_root: str | Path, **options) -> "Segmenter":
@@ -165,13 +170,43 @@ class Segmenter:
         """Foreground-minus-background logits on the region of the original grid (z,y,x) that the prediction covers;
         the rest is background. Only that region is returned: whole-image score arrays cost more than the roi
         pipeline besides the network."""
+        if self.point_search is not None and isinstance(prompt, PointPrompt):
+            return self._search_point(image, prompt, cache, cancel_event)
+        return self._predict_one(image, prompt, cache, cancel_event)
+
+    def _search_point(self, image: ImageVolume, prompt: PointPrompt, cache: dict,
+                      cancel_event) -> tuple[np.ndarray, Region]:
+        """The point network's answer and the box network's on cubes around the click; the one whose mask
+        contrasts most with its surroundings wins (ties: the point network's). Each cube fits one patch of the box
+        network, and in roi mode all cubes share one preprocessed window."""
+        box_model = self.model_for("box")
+        fits = single_patch_extent_zyx(box_model.patch_size_zyx, box_model.preprocessor.target_spacing_zyx,
+                                       image.spacing_zyx)
+        boxes = self.point_search.candidate_boxes(prompt, image.spacing_zyx, image.shape_zyx, fits)
+        shared = None
+        if self.mode == "roi":
+            windows = [self.roi_for(box, image, box_model) for box in boxes]
+            union = tuple(slice(min(w[a].start for w in windows), max(w[a].stop for w in windows)) for a in range(3))
+            shared = box_model.preprocessor.preprocess_window(image, union)
+        best, best_contrast = None, float("-inf")
+        for candidate in [prompt, *boxes]:
+            check_cancel(cancel_event)
+            pre = shared if isinstance(candidate, BoxPrompt) else None
+            score, region = self._predict_one(image, candidate, cache, cancel_event, pre)
+            contrast = boundary_contrast(image.array, image.spacing_zyx, score > 0, [r.start or 0 for r in region])
+            if best is None or contrast > best_contrast:
+                best, best_contrast = (score, region), contrast
+        return best
+
+    def _predict_one(self, image: ImageVolume, prompt: Prompt, cache: dict, cancel_event,
+                     pre: PreprocessedImage | None = None) -> tuple[np.ndarray, Region]:
         task = self.task_for(prompt)
         model = self.model_for(task)
-        if self.mode == "exact":
+        if pre is None and self.mode == "exact":
             if task not in cache:
                 cache[task] = model.preprocessor.preprocess(image)
             pre = cache[task]
-        else:
+        elif pre is None:
             pre = model.preprocessor.preprocess_window(image, self.roi_for(prompt, image, model))
         check_cancel(cancel_event)
         dense = self.dense_prompt(prompt, pre, model, task)
@@ -223,9 +258,15 @@ def prompt_window(lo_zyx: np.ndarray, hi_zyx: np.ndarray, image: ImageVolume, pa
     # beyond it on every axis. On the grid a box spans up to its scaled extent + its margins + 2 voxels of
     # floor/ceil (+1 for the grid shape's rounding); counting high only widens the window, counting low left
     # tiles outside it.
-    sliding = np.any(extent * spacing / target + 2 * BOX_MARGIN_VOXELS + 3 > patch)
+    sliding = np.any(extent > single_patch_extent_zyx(patch, target, spacing))
     half = (extent / 2 + patch_original if sliding else patch_original / 2) + margin
     return centred_region((lo_zyx + hi_zyx) / 2, half, image.shape_zyx)
+
+
+def single_patch_extent_zyx(patch_size_zyx, target_spacing_zyx, spacing_zyx) -> np.ndarray:
+    """The largest prompt extent (original voxels per axis) that one patch predicts, without sliding-window tiles."""
+    return ((np.asarray(patch_size_zyx) - 2 * BOX_MARGIN_VOXELS - 3) * np.asarray(target_spacing_zyx)
+            / np.asarray(spacing_zyx))
 
 
 def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
