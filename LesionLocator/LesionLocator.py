@@ -99,6 +99,7 @@ class LesionLocatorParameterNode:
     preset: Annotated[str, Choice(list(PRESETS))] = "fast"
     registration: Annotated[str, Choice(list(REGISTRATIONS))] = "auto"
     cpuBfloat16: bool = False
+    pointSearch: bool = True
 
 
 #
@@ -524,7 +525,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic, LesionTrackingLogic):
     def useSettingsOf(self, parameterNode) -> None:
         folder = str(parameterNode.modelFolder) if str(parameterNode.modelFolder) not in ("", ".") else ""
         self.settings = EngineSettings(parameterNode.model.value, folder, parameterNode.device,
-                                       parameterNode.preset, parameterNode.registration, parameterNode.cpuBfloat16)
+                                       parameterNode.preset, parameterNode.registration, parameterNode.cpuBfloat16,
+                                       parameterNode.pointSearch)
 
     def ensureEngineDependencies(self, confirm=None) -> bool:
         """Install what the engine needs on first use (PyTorch through the PyTorch extension, the rest with pip),

@@ -157,3 +157,18 @@ def test_cpu_bfloat16_setting_reaches_both_engines_and_rebuilds_them():
     bf16 = engines.tracker(TINY_MODEL, settings)
     assert bf16 is not fp32 and bf16.segmenter.cpu_bf16 and bf16.folds[0].predictor.settings.cpu_bf16
     assert engines.segmenter(TINY_MODEL, settings) is bf16.segmenter
+
+
+def test_point_search_setting_follows_the_model_and_rebuilds_the_segmenter():
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+    from LesionLocatorSlicer.logic import EngineSettings
+
+    engines = EngineCache()
+    settings = EngineSettings(device="cpu", preset="fast")  # the bundled Lite model asks for a point search
+    searching = engines.segmenter(BUNDLED_LITE_DIR, settings)
+    assert searching.point_search is not None
+    settings.pointSearch = False
+    plain = engines.segmenter(BUNDLED_LITE_DIR, settings)
+    assert plain is not searching and plain.point_search is None
+    settings.pointSearch = True
+    assert engines.segmenter(TINY_MODEL, settings).point_search is None  # official layout: no manifest, no search
