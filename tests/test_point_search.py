@@ -128,3 +128,22 @@ def test_boxes_and_masks_never_search(searching_root):
     plain = Segmenter.from_folder(searching_root, device="cpu", preset="fast", point_search=False)
     box = {1: BoxPrompt((16.0, 50.0, 50.0), (25.0, 71.0, 71.0))}
     assert np.array_equal(searching.segment(image, box).masks[1], plain.segment(image, box).masks[1])
+
+
+def test_segment_command_searches_unless_disabled(searching_root, tmp_path: Path):
+    from LesionLocatorLib import cli
+    from LesionLocatorLib.image import read_image, write_volume
+
+    image, _ = sphere_image(radius_mm=12, seed=3)
+    write_volume(image.array, image, tmp_path / "ct.nii.gz")
+    (tmp_path / "p.json").write_text(json.dumps({"1": {"point": [20, 64, 57]}}))
+    expected = {flag: Segmenter.from_folder(searching_root, device="cpu", preset="fast", point_search=not flag)
+                .segment(image, {1: PointPrompt((20.0, 64.0, 57.0))}).masks[1] for flag in (False, True)}
+    assert not np.array_equal(expected[False], expected[True])  # on this click the search keeps a box's mask
+    for flag in (False, True):
+        out = tmp_path / f"out{flag}"
+        command = ["segment", "-i", str(tmp_path / "ct.nii.gz"), "-p", str(tmp_path / "p.json"), "-o", str(out),
+                   "-t", "point", "-m", str(searching_root), "-device", "cpu", "--preset", "fast",
+                   "--disable_progress_bar"] + (["--disable_point_search"] if flag else [])
+        assert cli.main(command) == 0
+        assert np.array_equal(read_image(out / "ct_lesion_1.nii.gz").array > 0, expected[flag] > 0), flag

@@ -70,11 +70,13 @@ def _prompts(case: ValidationCase, kind: str) -> dict:
 
 
 def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase], prompt_kinds=("point", "box"),
-                          device: str = "cpu", mode: str = "roi", progress: Progress | None = None) -> list[LesionScore]:
-    """Dice per lesion and prompt kind with the engine's Segmenter (preset 'fast': one fold, no TTA)."""
+                          device: str = "cpu", mode: str = "roi", progress: Progress | None = None,
+                          point_search: bool = True) -> list[LesionScore]:
+    """Dice per lesion and prompt kind with the engine's Segmenter (preset 'fast': one fold, no TTA; points as the
+    model asks: with its point search unless `point_search` is False)."""
     from ..segmentation import Segmenter
 
-    segmenter = Segmenter(model_root, device=device, preset="fast", mode=mode)
+    segmenter = Segmenter(model_root, device=device, preset="fast", mode=mode, point_search=point_search)
     scores = []
     for number, validation_case in enumerate(cases):
         case = validation_case.case
