@@ -20,6 +20,8 @@ from .errors import CheckpointError
 from .prompts import BoxPrompt, PointPrompt
 
 MANIFEST_KEY = "point_search"
+# 8-60 mm in steps of 1.5x: the bundled model's search, and what `lesionlocator train` asks for by default.
+DEFAULT_BOX_SIZES_MM = (8.0, 12.0, 18.0, 27.0, 40.0, 60.0)
 # The band outside a mask that stands for its surroundings, and the smoothing that keeps noise out of both means.
 BAND_MM = 2.0
 SMOOTHING_MM = 0.7
@@ -44,6 +46,9 @@ class PointSearch:
         if "box" not in manifest.get("tasks", {}):
             raise CheckpointError(f"{where}: '{MANIFEST_KEY}' needs a 'box' task in 'tasks'.")
         return cls(tuple(float(s) for s in sizes))
+
+    def manifest_entry(self) -> dict:
+        return {"box_sizes_mm": list(self.box_sizes_mm)}
 
     def candidate_boxes(self, point: PointPrompt, spacing_zyx, shape_zyx, max_extent_zyx) -> list[BoxPrompt]:
         """Cubes of each size around the click, each at most `max_extent_zyx` voxels per axis."""

@@ -209,6 +209,36 @@ def test_train_command_generates_trains_and_exports(tmp_path):
     assert len(list((tmp_path / "work" / "samples").glob("sample_*.npz"))) == 3
     model = load_checkpoint_folder(resolve_task_folder(tmp_path / "model", "box"))
     model.build_network().load_state_dict(model.fold_weights[0], strict=True)
+    manifest = json.loads((tmp_path / "model" / MODEL_MANIFEST).read_text())
+    assert manifest["point_search"] == {"box_sizes_mm": [8.0, 12.0, 18.0, 27.0, 40.0, 60.0]}  # as the bundled model
+
+
+def test_train_command_sets_or_removes_the_point_search(tmp_path, capsys):
+    import argparse
+
+    from LesionLocatorLib.errors import LesionLocatorError
+    from LesionLocatorLib.segmentation import Segmenter
+    from LesionLocatorLib.training import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    root = tmp_path / "model"
+    common = ["--output", str(root), "--work-dir", str(tmp_path / "work"), "--cache-size", "2", "--steps", "1",
+              "--patch-size", "16", "32", "32", "--spacing", "3", "3", "3", "--features", "4", "8", "16", "--blocks",
+              "1", "1", "1", "--backgrounds", "head_phantom:7=1", "--device", "cpu", "--no-validate"]
+
+    def manifest() -> dict:
+        return json.loads((root / MODEL_MANIFEST).read_text())
+
+    assert cli.run(parser.parse_args(common + ["--tasks", "point"])) == 0  # no box network: no search yet
+    assert "point_search" not in manifest() and "needs a box network" in capsys.readouterr().err
+    assert cli.run(parser.parse_args(common + ["--tasks", "box", "track", "--point-search", "10", "30"])) == 0
+    assert manifest()["point_search"] == {"box_sizes_mm": [10.0, 30.0]}
+    assert Segmenter(root, device="cpu").point_search.box_sizes_mm == (10.0, 30.0)
+    assert cli.run(parser.parse_args(common + ["--tasks", "box", "--no-point-search"])) == 0
+    assert "point_search" not in manifest() and manifest()["tasks"]["point"] == "net_point"
+    with pytest.raises(LesionLocatorError, match="positive"):
+        cli.run(parser.parse_args(common + ["--point-search", "0", "10"]))
 
 
 @pytest.mark.skipif(not (BUNDLED / MODEL_MANIFEST).is_file(), reason="bundled Lite model not trained yet")

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LesionLocatorError
-from .plans import NET_FOLDER, TASKS, LiteModelConfig
+from ..point_search import DEFAULT_BOX_SIZES_MM
+from .plans import NET_FOLDER, TASKS, LiteModelConfig, set_point_search
 from .own_data import fill_own_cache
 from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
 from .trainer import TrainingOptions, export_model, train
@@ -29,6 +30,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
                         help="tasks the trained network serves (default all); the others keep their folder in an "
                              "existing model root")
+    parser.add_argument("--point-search", type=float, nargs="+", metavar="MM", default=list(DEFAULT_BOX_SIZES_MM),
+                        help="cube sizes of the point search the model root asks for (default: 8 12 18 27 40 60, "
+                             "as the bundled model); set only once the root has a box network")
+    parser.add_argument("--no-point-search", action="store_true",
+                        help="the model root answers clicks with its point network alone")
     parser.add_argument("--net-folder", help="folder of the network in the model root (default: net for all tasks, "
                                              "else net_<tasks>)")
     parser.add_argument("--work-dir", type=Path, help="checkpoints and logs (default: <output>_work)")
@@ -123,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     work_dir = args.work_dir or args.output.with_name(args.output.name + "_work")
     cache = args.cache or work_dir / "samples"
     own_cache = None
+    if not args.no_point_search and not all(size > 0 for size in args.point_search):
+        raise LesionLocatorError(f"--point-search sizes must be positive (mm); got {args.point_search}.")
     if args.own_data is not None:
         if not 0 < args.own_data_share <= 1:
             raise LesionLocatorError(f"--own-data-share must be in (0, 1]; got {args.own_data_share}.")
@@ -159,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
     net_folder = args.net_folder or (NET_FOLDER if set(tasks) == set(TASKS) else "net_" + "_".join(tasks))
     export_model(network, config, args.output, state, tasks, net_folder)
     print(f"model written to {args.output} ({state.step} steps, {state.seconds / 60:.1f} min of training)")
+    searching = set_point_search(args.output, None if args.no_point_search else args.point_search)
+    if not searching and not args.no_point_search:
+        print("no point search yet: it needs a box network in this model root (train --tasks box)", file=sys.stderr)
     if not args.no_validate:
         summary = _validate(args.output, work_dir, args)["summary"]
         print(json.dumps(summary, indent=1))

@@ -8,6 +8,7 @@ the manifest maps those tasks to it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from ..checkpoint import (
     MODEL_MANIFEST, ModelFolder, build_network_from_architecture, resolve_configuration, save_checkpoint,
 )
+from ..point_search import MANIFEST_KEY, PointSearch
 
 CONFIGURATION = "3d_fullres"
 TRAINER_NAME = "LesionLocatorLiteTrainer"
@@ -155,6 +157,20 @@ def write_model_root(root: str | Path, config: LiteModelConfig, network_weights:
     manifest["tasks"] = {**manifest["tasks"], **{task: net_folder for task in tasks}}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return root
+
+
+def set_point_search(root: str | Path, box_sizes_mm: Sequence[float] | None) -> bool:
+    """Ask for a point search with these cube sizes in the root's manifest, or for none (None). A search needs the
+    box network, so a root without a 'box' task gets none; returns whether the manifest now asks for one."""
+    manifest_path = Path(root) / MODEL_MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest.pop(MANIFEST_KEY, None)
+    if box_sizes_mm and "box" in manifest.get("tasks", {}):
+        search = PointSearch(tuple(float(s) for s in box_sizes_mm))
+        manifest[MANIFEST_KEY] = search.manifest_entry()
+        PointSearch.from_manifest(manifest, str(manifest_path))  # the same checks as loading
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return MANIFEST_KEY in manifest
 
 
 def config_from_plans(plans: dict) -> LiteModelConfig:
