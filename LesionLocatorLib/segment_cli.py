@@ -35,6 +35,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="fast = fold 0 without TTA; accurate = all folds with TTA (official default)")
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast on the CPU (faster, less exact)")
+    parser.add_argument("--disable_point_search", action="store_true",
+                        help="answer points with the point network alone, even where the model asks for a point "
+                             "search (the bundled Lite model does: its box network on cubes around the click)")
     parser.add_argument("-npp", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-nps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--disable_progress_bar", action="store_true", help="no progress on stderr")
@@ -54,9 +57,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="roi: preprocess only around each prompt (fast); exact: whole image, as official")
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_lesion_<id>_prob.nii.gz")
     add_model_options(parser)
-    parser.add_argument("--disable_point_search", action="store_true",
-                        help="answer points with the point network alone, even where the model asks for a point "
-                             "search (the bundled Lite model does: its box network on cubes around the click)")
 
 
 def resolve_model_root(model: str | None) -> Path:

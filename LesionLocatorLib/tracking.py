@@ -175,7 +175,8 @@ class Tracker:
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, registration: str | Registration = "auto",
                  segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto",
-                 official_list_prompts: bool = False, cpu_bf16: bool = False):
+                 official_list_prompts: bool = False, cpu_bf16: bool = False, point_search: bool = True):
+        """`point_search` applies to baseline clicks (see Segmenter); a given `segmenter` brings its own setting."""
         check_preset(preset)
         if mode not in TRACKING_MODES:
             raise LesionLocatorError(f"Unknown tracking mode '{mode}'; use one of {TRACKING_MODES}.")
@@ -198,7 +199,8 @@ class Tracker:
         self.folds = [TrackFold(self.model, weights, reg, settings)
                       for weights, reg in zip(self.model.fold_weights.values(), registrations)]
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
-                                                use_tta=use_tta, mode=segmentation_mode, cpu_bf16=cpu_bf16)
+                                                use_tta=use_tta, mode=segmentation_mode, cpu_bf16=cpu_bf16,
+                                                point_search=point_search)
         self._scans = BoundedCache(MAX_CACHED_SCANS)
         self._deformations = BoundedCache(MAX_CACHED_REGISTRATIONS)
         self.registrations_computed = 0

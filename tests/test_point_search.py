@@ -147,3 +147,19 @@ def test_segment_command_searches_unless_disabled(searching_root, tmp_path: Path
                    "--disable_progress_bar"] + (["--disable_point_search"] if flag else [])
         assert cli.main(command) == 0
         assert np.array_equal(read_image(out / "ct_lesion_1.nii.gz").array > 0, expected[flag] > 0), flag
+
+
+def test_tracking_baseline_clicks_follow_the_setting(searching_root):
+    import argparse
+
+    from LesionLocatorLib import track_cli
+    from LesionLocatorLib.tracking import Tracker
+
+    assert Tracker.from_folder(searching_root, device="cpu", registration="classical").segmenter.point_search
+    plain = Tracker.from_folder(searching_root, device="cpu", registration="classical", point_search=False)
+    assert plain.segmenter.point_search is None
+    parser = argparse.ArgumentParser()
+    track_cli.configure_parser(parser)
+    args = parser.parse_args(["-bl", "a.nii.gz", "-fu", "b.nii.gz", "-p", "p.json", "-t", "point", "-o", "out",
+                              "--disable_point_search"])
+    assert args.disable_point_search
