@@ -180,12 +180,11 @@ def evaluate_own_data(model_root, dataset: Path, split: str, device: str,
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_model_manifest
+    from ..point_search import PointSearch
     from ..segment_cli import resolve_model_root
     from ..synthetic.backgrounds import default_data_root
     from ..synthetic.cases import VALIDATION_BACKGROUNDS, make_validation_set
-
-    from ..checkpoint import read_model_manifest
-    from ..point_search import PointSearch
 
     root = resolve_model_root(args.model)
     point_search = not args.disable_point_search
