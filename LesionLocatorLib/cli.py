@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "models": ("LesionLocatorLib.models.cli", "list, download, locate or clear models"),
     "train": ("LesionLocatorLib.training.cli", "train a LesionLocator-Lite model on synthetic data"),
     "evaluate": ("LesionLocatorLib.training.evaluate", "validate a model (Dice, CPM@25, MED, time per call)"),
+    "fit-point-search": ("LesionLocatorLib.training.point_selector",
+                         "fit how a model's point search picks among its candidates"),
 }
 
 
@@ -44,7 +46,7 @@ def _guarded(function, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        lines = [f"  {name:10s} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+        lines = [f"  {name:16s} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
         print("usage: lesionlocator <subcommand> [options]\n\nsubcommands:\n" + "\n".join(lines), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module_name, help_text = SUBCOMMANDS[argv[0]]

@@ -2,22 +2,26 @@
 
 A weak point network (the bundled Lite model's) segments a blob of about its prompt ball's size whatever the lesion's
 size, while its box network follows a box's extent. So for a click, the box network segments cubes of several sizes
-centred on the click, the point network adds its own answer, and the candidate whose mask differs most from the
-band just outside it (a contrast-to-noise ratio on the original image) is kept: a mask that stops at the lesion's
-edge separates lesion from surroundings; one inside the lesion or spilling over it does not.
+centred on the click, the point network adds its own answer, and one candidate is kept:
+- by default the one whose mask differs most from the band just outside it (a contrast-to-noise ratio on the
+  original image): a mask that stops at the lesion's edge separates lesion from surroundings; one inside the lesion
+  or spilling over it does not;
+- with a fitted `CandidateSelector` (`lesionlocator fit-point-search`), the one that a small network scores highest
+  from each candidate's contrast, size, fit to its cube, confidence and agreement with the other candidates.
 
-A model root asks for it in its manifest: `"point_search": {"box_sizes_mm": [8, 12, 18, 27, 40, 60]}`.
-Indices are (z, y, x) voxels of the original image; sizes and spacings are in mm.
+A model root asks for it in its manifest: `"point_search": {"box_sizes_mm": [8, 12, 18, 27, 40, 60]}`, plus
+`"selector": {...}` once fitted. Indices are (z, y, x) voxels of the original image; sizes and spacings are in mm.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import CheckpointError
-from .prompts import BoxPrompt, PointPrompt
+from .prompts import BoxPrompt, PointPrompt, Prompt
 
 MANIFEST_KEY = "point_search"
 # 8-60 mm in steps of 1.5x: the bundled model's search, and what `lesionlocator train` asks for by default.
@@ -25,11 +29,81 @@ DEFAULT_BOX_SIZES_MM = (8.0, 12.0, 18.0, 27.0, 40.0, 60.0)
 # The band outside a mask that stands for its surroundings, and the smoothing that keeps noise out of both means.
 BAND_MM = 2.0
 SMOOTHING_MM = 0.7
+# What a candidate's features are, in the order of a fitted selector's inputs (see candidate_features).
+FEATURES = ("contrast", "contrast_minus_best", "contrast_rank", "is_point_network", "log_diameter_mm",
+            "log_diameter_over_cube", "cube_face_fill", "mean_probability_inside", "mean_probability_band",
+            "dice_next_cube", "dice_previous_cube", "dice_point_network")
+# Stands for the contrast of an empty mask (-inf) among the features.
+EMPTY_CONTRAST = -1.0
+# Foreground-minus-background logit assumed outside a candidate's predicted region (as the Segmenter does).
+OUTSIDE_LOGIT = -10.0
+
+
+@dataclass
+class Candidate:
+    """One answer to a click: the prompt that made it (the click itself or a cube) and its foreground-minus-background
+    logits on `region` of the original grid (z, y, x); outside the region is background."""
+
+    prompt: Prompt
+    score: np.ndarray
+    region: tuple[slice, ...]
+
+    @property
+    def offset_zyx(self) -> np.ndarray:
+        return np.asarray([r.start or 0 for r in self.region], int)
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.score > 0
+
+
+@dataclass(frozen=True)
+class CandidateSelector:
+    """Scores candidates from their FEATURES with one hidden tanh layer; the highest score wins. Fitted on
+    synthetic lesions of training backgrounds by `lesionlocator fit-point-search` (training/point_selector.py)."""
+
+    feature_mean: np.ndarray   # (features,)
+    feature_scale: np.ndarray  # (features,)
+    hidden_weight: np.ndarray  # (hidden, features)
+    hidden_bias: np.ndarray    # (hidden,)
+    output_weight: np.ndarray  # (hidden,)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """(..., candidates, features) -> (..., candidates)"""
+        standard = (np.asarray(features, float) - self.feature_mean) / self.feature_scale
+        return np.tanh(standard @ self.hidden_weight.T + self.hidden_bias) @ self.output_weight
+
+    def manifest_entry(self) -> dict:
+        return {"features": list(FEATURES), "feature_mean": self.feature_mean.tolist(),
+                "feature_scale": self.feature_scale.tolist(), "hidden_weight": self.hidden_weight.tolist(),
+                "hidden_bias": self.hidden_bias.tolist(), "output_weight": self.output_weight.tolist()}
+
+    @classmethod
+    def from_entry(cls, entry, where: str) -> "CandidateSelector":
+        fix = "Run `lesionlocator fit-point-search` again, or remove 'selector' to choose by contrast alone."
+        if not isinstance(entry, dict) or entry.get("features") != list(FEATURES):
+            raise CheckpointError(f"{where}: the point search's 'selector' was not fitted on this version's features "
+                                  f"{list(FEATURES)}. {fix}")
+        try:
+            arrays = {name: np.asarray(entry[name], float) for name in
+                      ("feature_mean", "feature_scale", "hidden_weight", "hidden_bias", "output_weight")}
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}: the point search's 'selector' is incomplete ({error}). {fix}") from None
+        count, hidden = len(FEATURES), arrays["hidden_bias"].shape
+        expected = {"feature_mean": (count,), "feature_scale": (count,), "hidden_weight": hidden + (count,),
+                    "hidden_bias": hidden, "output_weight": hidden}
+        bad = [name for name, shape in expected.items() if arrays[name].shape != shape]
+        if len(hidden) != 1 or bad or not all(np.isfinite(a).all() for a in arrays.values()) \
+                or np.any(arrays["feature_scale"] <= 0):
+            raise CheckpointError(f"{where}: the point search's 'selector' has bad arrays {bad or ''} (shapes must "
+                                  f"match {count} features, scales must be positive). {fix}")
+        return cls(**arrays)
 
 
 @dataclass(frozen=True)
 class PointSearch:
     box_sizes_mm: tuple[float, ...]
+    selector: CandidateSelector | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict, where: str = "the model manifest") -> "PointSearch | None":
@@ -45,15 +119,104 @@ class PointSearch:
                 f"Fix the entry or remove it to use the point network alone.")
         if "box" not in manifest.get("tasks", {}):
             raise CheckpointError(f"{where}: '{MANIFEST_KEY}' needs a 'box' task in 'tasks'.")
-        return cls(tuple(float(s) for s in sizes))
+        selector = entry.get("selector")
+        return cls(tuple(float(s) for s in sizes),
+                   None if selector is None else CandidateSelector.from_entry(selector, where))
 
     def manifest_entry(self) -> dict:
-        return {"box_sizes_mm": list(self.box_sizes_mm)}
+        entry: dict = {"box_sizes_mm": list(self.box_sizes_mm)}
+        if self.selector is not None:
+            entry["selector"] = self.selector.manifest_entry()
+        return entry
 
     def candidate_boxes(self, point: PointPrompt, spacing_zyx, shape_zyx, max_extent_zyx) -> list[BoxPrompt]:
         """Cubes of each size around the click, each at most `max_extent_zyx` voxels per axis."""
         return [cube_around_point(point.index_zyx, size, spacing_zyx, shape_zyx, max_extent_zyx)
                 for size in self.box_sizes_mm]
+
+    def choose(self, image_zyx: np.ndarray, spacing_zyx, candidates: Sequence[Candidate]) -> int:
+        """The index of the kept candidate: the selector's best, or else the highest contrast (ties: the first,
+        the point network's)."""
+        if self.selector is not None:
+            return int(np.argmax(self.selector.scores(candidate_features(image_zyx, spacing_zyx, candidates,
+                                                                         self.box_sizes_mm))))
+        contrasts = [boundary_contrast(image_zyx, spacing_zyx, c.mask, c.offset_zyx) for c in candidates]
+        return int(np.argmax(contrasts))
+
+
+def candidate_features(image_zyx: np.ndarray, spacing_zyx, candidates: Sequence[Candidate],
+                       box_sizes_mm: Sequence[float]) -> np.ndarray:
+    """(candidates, FEATURES): candidates[0] is the point network's answer, the others the cubes of `box_sizes_mm`
+    in that order. Sizes are in mm; the 'band' is the BAND_MM shell just outside a mask."""
+    if len(candidates) != len(box_sizes_mm) + 1:
+        raise ValueError(f"expected the point network's answer and {len(box_sizes_mm)} cubes, got {len(candidates)}")
+    spacing = np.asarray(spacing_zyx, float)
+    masks = [(c.mask, c.offset_zyx) for c in candidates]
+    contrasts = np.asarray([boundary_contrast(image_zyx, spacing, m, o) for m, o in masks])
+    contrasts = np.where(np.isfinite(contrasts), contrasts, EMPTY_CONTRAST)
+    ranks = (-contrasts).argsort(kind="stable").argsort()
+    rows = []
+    for k, candidate in enumerate(candidates):
+        mask, offset = masks[k]
+        diameter = (6 * mask.sum() * np.prod(spacing) / np.pi) ** (1 / 3)
+        inside, band = _mean_probabilities(candidate, spacing, image_zyx.shape)
+        is_cube = k > 0
+        rows.append([
+            contrasts[k], contrasts[k] - contrasts.max(), ranks[k], float(not is_cube), np.log1p(diameter),
+            np.log((1 + diameter) / box_sizes_mm[k - 1]) if is_cube else 0.0,
+            _face_fill(mask, offset, candidate.prompt) if is_cube else 0.0,
+            inside, band,
+            _dice(*masks[k], *masks[k + 1]) if 0 < k < len(candidates) - 1 else 0.0,
+            _dice(*masks[k], *masks[k - 1]) if k > 1 else 0.0,
+            _dice(*masks[k], *masks[0]) if is_cube else 1.0,
+        ])
+    return np.asarray(rows, float)
+
+
+def _mean_probabilities(candidate: Candidate, spacing: np.ndarray, image_shape) -> tuple[float, float]:
+    """Mean foreground probability inside the mask and in the band just outside it (0, 0 for an empty mask)."""
+    mask = candidate.mask
+    if not mask.any():
+        return 0.0, 0.0
+    lo, hi, inside, band = _mask_and_band(mask, candidate.offset_zyx, spacing, image_shape)
+    score = np.full(inside.shape, OUTSIDE_LOGIT, np.float32)
+    offset = candidate.offset_zyx
+    start, stop = np.maximum(lo, offset), np.minimum(hi, offset + mask.shape)
+    score[_slices(start - lo, stop - lo)] = candidate.score[_slices(start - offset, stop - offset)]
+    probability = 1.0 / (1.0 + np.exp(-np.clip(score, -50, 50)))
+    return float(probability[inside].mean()), float(probability[band].mean()) if band.any() else 0.0
+
+
+def _face_fill(mask: np.ndarray, offset_zyx: np.ndarray, cube: BoxPrompt) -> float:
+    """The share of the cube's outermost voxel layer that the mask covers: high when the lesion is larger."""
+    lo = np.floor(np.asarray(cube.lo_zyx)).astype(int)
+    hi = np.ceil(np.asarray(cube.hi_zyx)).astype(int)
+    inside = _take(mask, offset_zyx, lo, hi)
+    face = np.ones(inside.shape, bool)
+    face[tuple(slice(1, -1) if n > 2 else slice(0, 0) for n in inside.shape)] = False
+    return float(inside[face].mean()) if face.any() else 0.0
+
+
+def _dice(mask_a: np.ndarray, offset_a: np.ndarray, mask_b: np.ndarray, offset_b: np.ndarray) -> float:
+    """Dice of two masks placed at their offsets on one grid (0 when both are empty)."""
+    total = int(mask_a.sum()) + int(mask_b.sum())
+    if total == 0:
+        return 0.0
+    lo, hi = np.maximum(offset_a, offset_b), np.minimum(offset_a + mask_a.shape, offset_b + mask_b.shape)
+    if np.any(hi <= lo):
+        return 0.0
+    both = _take(mask_a, offset_a, lo, hi) & _take(mask_b, offset_b, lo, hi)
+    return 2.0 * int(both.sum()) / total
+
+
+def _take(mask: np.ndarray, offset_zyx: np.ndarray, lo, hi) -> np.ndarray:
+    """The part [lo, hi) of the grid of a mask placed at `offset_zyx`; False where the mask does not reach."""
+    lo, hi = np.asarray(lo, int), np.asarray(hi, int)
+    out = np.zeros(tuple(np.maximum(hi - lo, 0)), bool)
+    start, stop = np.maximum(lo, offset_zyx), np.minimum(hi, offset_zyx + mask.shape)
+    if np.all(stop > start):
+        out[_slices(start - lo, stop - lo)] = mask[_slices(start - offset_zyx, stop - offset_zyx)]
+    return out
 
 
 def cube_around_point(point_zyx, size_mm: float, spacing_zyx, shape_zyx, max_extent_zyx=None) -> BoxPrompt:
@@ -76,23 +239,28 @@ def boundary_contrast(image_zyx: np.ndarray, spacing_zyx, mask_zyx: np.ndarray, 
     if not mask.any():
         return float("-inf")
     spacing = np.asarray(spacing_zyx, float)
-    band = np.maximum(np.round(BAND_MM / spacing).astype(int), 1)
-    margin = band + np.ceil(3 * SMOOTHING_MM / spacing).astype(int) + 1
-    offset = np.asarray(offset_zyx, int)
-    found = np.argwhere(mask) + offset
-    lo = np.maximum(found.min(axis=0) - margin, 0)
-    hi = np.minimum(found.max(axis=0) + margin + 1, image_zyx.shape)
-    crop = np.zeros(tuple(hi - lo), bool)
-    start, stop = np.maximum(lo, offset), np.minimum(hi, offset + mask.shape)
-    crop[_slices(start - lo, stop - lo)] = mask[_slices(start - offset, stop - offset)]
-    smoothed = ndimage.gaussian_filter(image_zyx[_slices(lo, hi)].astype(np.float32),
-                                       SMOOTHING_MM / spacing)
-    outside = ndimage.binary_dilation(crop, _ellipsoid(band)) & ~crop
+    lo, hi, crop, outside = _mask_and_band(mask, np.asarray(offset_zyx, int), spacing, image_zyx.shape,
+                                           context_mm=3 * SMOOTHING_MM)  # what the smoothing of the band sees
     if not outside.any():
         return float("-inf")
+    smoothed = ndimage.gaussian_filter(image_zyx[_slices(lo, hi)].astype(np.float32),
+                                       SMOOTHING_MM / spacing)
     within, around = smoothed[crop], smoothed[outside]
     spread = np.sqrt(0.5 * (within.var() + around.var())) + 1e-6 * (np.abs(smoothed).mean() + 1e-12)
     return float(abs(within.mean() - around.mean()) / spread)
+
+
+def _mask_and_band(mask: np.ndarray, offset_zyx: np.ndarray, spacing: np.ndarray, image_shape,
+                   context_mm: float = 0.0):
+    """A crop [lo, hi) of the image grid around a non-empty mask placed at `offset_zyx`, wide enough for the BAND_MM
+    band just outside the mask plus `context_mm` (+1 voxel) within the image: the mask on it, and the band."""
+    band = np.maximum(np.round(BAND_MM / spacing).astype(int), 1)
+    margin = band + np.ceil(context_mm / spacing).astype(int) + 1
+    found = np.argwhere(mask)
+    lo = np.maximum(found.min(axis=0) + offset_zyx - margin, 0)
+    hi = np.minimum(found.max(axis=0) + offset_zyx + margin + 1, image_shape)
+    crop = _take(mask, offset_zyx, lo, hi)
+    return lo, hi, crop, ndimage.binary_dilation(crop, _ellipsoid(band)) & ~crop
 
 
 def _ellipsoid(radii_zyx: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, re
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
-from .point_search import PointSearch, boundary_contrast
+from .point_search import Candidate, PointSearch
 from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
     BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
@@ -176,9 +176,19 @@ class Segmenter:
 
     def _search_point(self, image: ImageVolume, prompt: PointPrompt, cache: dict,
                       cancel_event) -> tuple[np.ndarray, Region]:
-        """The point network's answer and the box network's on cubes around the click; the one whose mask
-        contrasts most with its surroundings wins (ties: the point network's). Each cube fits one patch of the box
-        network, and in roi mode all cubes share one preprocessed window."""
+        """The candidate that the point search keeps (see point_search.py)."""
+        candidates = self.point_candidates(image, prompt, cache, cancel_event)
+        kept = candidates[self.point_search.choose(image.array, image.spacing_zyx, candidates)]
+        return kept.score, kept.region
+
+    def point_candidates(self, image: ImageVolume, prompt: PointPrompt, cache: dict | None = None,
+                         cancel_event=None) -> list[Candidate]:
+        """The point network's answer and the box network's on each cube of the point search around the click.
+        Each cube fits one patch of the box network, and in roi mode all cubes share one preprocessed window."""
+        if self.point_search is None:
+            raise LesionLocatorError("This Segmenter has no point search (the model root asks for none, or it was "
+                                     "made with point_search=False).")
+        cache = {} if cache is None else cache
         box_model = self.model_for("box")
         fits = single_patch_extent_zyx(box_model.patch_size_zyx, box_model.preprocessor.target_spacing_zyx,
                                        image.spacing_zyx)
@@ -188,15 +198,12 @@ class Segmenter:
             windows = [self.roi_for(box, image, box_model) for box in boxes]
             union = tuple(slice(min(w[a].start for w in windows), max(w[a].stop for w in windows)) for a in range(3))
             shared = box_model.preprocessor.preprocess_window(image, union)
-        best, best_contrast = None, float("-inf")
+        candidates = []
         for candidate in [prompt, *boxes]:
             check_cancel(cancel_event)
             pre = shared if isinstance(candidate, BoxPrompt) else None
-            score, region = self._predict_one(image, candidate, cache, cancel_event, pre)
-            contrast = boundary_contrast(image.array, image.spacing_zyx, score > 0, [r.start or 0 for r in region])
-            if best is None or contrast > best_contrast:
-                best, best_contrast = (score, region), contrast
-        return best
+            candidates.append(Candidate(candidate, *self._predict_one(image, candidate, cache, cancel_event, pre)))
+        return candidates
 
     def _predict_one(self, image: ImageVolume, prompt: Prompt, cache: dict, cancel_event,
                      pre: PreprocessedImage | None = None) -> tuple[np.ndarray, Region]:

@@ -163,3 +163,170 @@ def test_tracking_baseline_clicks_follow_the_setting(searching_root):
     args = parser.parse_args(["-bl", "a.nii.gz", "-fu", "b.nii.gz", "-p", "p.json", "-t", "point", "-o", "out",
                               "--disable_point_search"])
     assert args.disable_point_search
+
+
+# --- candidate features and the fitted selector -----------------------------------------------------------------
+def ball_candidates(image: ImageVolume, truth: np.ndarray, sizes_mm) -> list:
+    """Candidates without a network: the point network's answer is the true ball (logit +5 inside, -5 outside) on a
+    region; each cube's answer fills its cube (+5), given on a region that starts elsewhere."""
+    from LesionLocatorLib.point_search import Candidate
+
+    click = PointPrompt(tuple(float(c) for c in np.array(image.shape_zyx) // 2))
+    point_region = (slice(5, 35), slice(20, 100), slice(30, 110))
+    candidates = [Candidate(click, np.where(truth[point_region], 5.0, -5.0), point_region)]
+    for size in sizes_mm:
+        cube = cube_around_point(click.index_zyx, size, image.spacing_zyx, image.shape_zyx)
+        lo, hi = np.asarray(cube.lo_zyx, int), np.asarray(cube.hi_zyx, int)
+        region = tuple(slice(max(a - 3, 0), min(b + 4, n)) for a, b, n in zip(lo, hi, image.shape_zyx))
+        score = np.full(tuple(r.stop - r.start for r in region), -5.0)
+        score[tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))] = 5.0
+        candidates.append(Candidate(cube, score, region))
+    return candidates
+
+
+def test_candidate_features_describe_each_candidate():
+    from LesionLocatorLib.point_search import FEATURES, candidate_features
+
+    image, truth = sphere_image(radius_mm=9)
+    candidates = ball_candidates(image, truth, SIZES_MM)
+    features = candidate_features(image.array, image.spacing_zyx, candidates, SIZES_MM)
+    assert features.shape == (4, len(FEATURES))
+    value = {name: features[:, i] for i, name in enumerate(FEATURES)}
+    assert value["is_point_network"].tolist() == [1, 0, 0, 0]
+    assert value["contrast_rank"][0] == 0 and value["contrast_minus_best"][0] == 0  # the true ball stands out most
+    assert np.all(value["contrast_minus_best"] <= 0)
+    # a ball of 9 mm radius: its equivalent diameter is 18 mm (voxelized, so within a few percent)
+    assert np.exp(value["log_diameter_mm"][0]) - 1 == pytest.approx(18, rel=0.05)
+    # cubes: their masks fill them (face fill 1); their equivalent diameter is about (6/pi)^(1/3) = 1.24 x the side
+    assert np.allclose(value["cube_face_fill"][1:], 1.0) and value["cube_face_fill"][0] == 0
+    volumes_mm3 = [int((c.score > 0).sum()) * np.prod(SPACING_ZYX) for c in candidates[1:]]
+    diameters = [(6 * v / np.pi) ** (1 / 3) for v in volumes_mm3]
+    assert value["log_diameter_over_cube"][1:] == pytest.approx(np.log1p(diameters) - np.log(SIZES_MM))
+    assert np.allclose(np.divide(diameters, SIZES_MM), 1.24, atol=0.35)  # voxel rounding of small cubes
+    assert value["mean_probability_inside"] == pytest.approx(1 / (1 + np.exp(-5.0)), rel=1e-6)
+    # the band just outside each mask: -5 where the candidate's region reaches, -10 (OUTSIDE_LOGIT) beyond it
+    assert np.all(value["mean_probability_band"] < 1 / (1 + np.exp(5.0)) + 1e-9)
+    # agreement: the point candidate with itself, and nested cubes with their neighbours
+    assert value["dice_point_network"][0] == 1
+    cube_masks = [c.score > 0 for c in candidates[1:]]
+    volumes = [int(m.sum()) for m in cube_masks]
+    assert value["dice_next_cube"][1] == pytest.approx(2 * volumes[0] / (volumes[0] + volumes[1]), rel=1e-6)
+    assert value["dice_previous_cube"][2] == value["dice_next_cube"][1]
+    assert value["dice_next_cube"][3] == 0 and value["dice_previous_cube"][1] == 0  # no neighbour there
+    with pytest.raises(ValueError, match="3 cubes"):
+        candidate_features(image.array, image.spacing_zyx, candidates[:3], SIZES_MM)
+
+
+def test_features_do_not_depend_on_where_a_candidate_region_starts():
+    from LesionLocatorLib.point_search import Candidate, candidate_features
+
+    image, truth = sphere_image(radius_mm=9)
+    candidates = ball_candidates(image, truth, SIZES_MM)
+    whole = [Candidate(c.prompt, _on_whole_grid(c, image.shape_zyx), (slice(0, None),) * 3) for c in candidates]
+    # outside a region counts as OUTSIDE_LOGIT, so only the band's probability may differ
+    a = candidate_features(image.array, image.spacing_zyx, candidates, SIZES_MM)
+    b = candidate_features(image.array, image.spacing_zyx, whole, SIZES_MM)
+    band = list(__import__("LesionLocatorLib.point_search", fromlist=["FEATURES"]).FEATURES).index(
+        "mean_probability_band")
+    assert np.allclose(np.delete(a, band, axis=1), np.delete(b, band, axis=1))
+
+
+def _on_whole_grid(candidate, shape_zyx) -> np.ndarray:
+    score = np.full(shape_zyx, -10.0)
+    score[candidate.region] = candidate.score
+    return score
+
+
+def preferring(feature: str, sign: float = 1.0):
+    """A selector whose score is sign * tanh(feature)."""
+    from LesionLocatorLib.point_search import FEATURES, CandidateSelector
+
+    count = len(FEATURES)
+    weight = np.zeros((1, count))
+    weight[0, FEATURES.index(feature)] = 1.0
+    return CandidateSelector(np.zeros(count), np.ones(count), weight, np.zeros(1), np.array([sign]))
+
+
+def test_selector_entry_round_trips_and_bad_entries_fail():
+    from LesionLocatorLib.point_search import CandidateSelector
+
+    selector = preferring("log_diameter_mm")
+    tasks = {"point": "p", "box": "b"}
+    manifest = {"tasks": tasks, "point_search": {"box_sizes_mm": SIZES_MM, "selector": selector.manifest_entry()}}
+    loaded = PointSearch.from_manifest(json.loads(json.dumps(manifest)))
+    assert np.array_equal(loaded.selector.hidden_weight, selector.hidden_weight)
+    assert loaded.manifest_entry() == manifest["point_search"]
+    assert PointSearch.from_manifest({"tasks": tasks, "point_search": {"box_sizes_mm": SIZES_MM}}).selector is None
+    entry = selector.manifest_entry()
+    for broken, message in (({**entry, "features": ["contrast"]}, "not fitted on this version"),
+                            ({k: v for k, v in entry.items() if k != "hidden_bias"}, "incomplete"),
+                            ({**entry, "output_weight": [1.0, 2.0]}, "bad arrays"),
+                            ({**entry, "feature_scale": [0.0] * len(entry["feature_scale"])}, "bad arrays")):
+        with pytest.raises(CheckpointError, match=message):
+            PointSearch.from_manifest({"tasks": tasks, "point_search": {"box_sizes_mm": SIZES_MM, "selector": broken}})
+    assert isinstance(CandidateSelector.from_entry(entry, "x"), CandidateSelector)
+
+
+def test_search_keeps_the_candidate_the_selector_scores_highest(searching_root, tmp_path: Path):
+    root = tmp_path / "model"
+    shutil.copytree(searching_root, root)
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    image, _ = sphere_image(radius_mm=12)
+    click = PointPrompt((20.0, 64.0, 57.0))
+    kept = {}
+    for sign in (1.0, -1.0):  # prefer the largest mask, then the smallest
+        manifest["point_search"]["selector"] = preferring("log_diameter_mm", sign).manifest_entry()
+        (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+        segmenter = Segmenter.from_folder(root, device="cpu", preset="fast")
+        candidates = segmenter.point_candidates(image, click)
+        sizes = [int(c.mask.sum()) for c in candidates]
+        chosen = segmenter.segment(image, {1: click}).masks[1]
+        assert int(chosen.sum()) == (max(sizes) if sign > 0 else min(sizes))
+        kept[sign] = chosen
+    assert not np.array_equal(kept[1.0], kept[-1.0])
+
+
+def test_fit_selector_learns_which_candidate_is_best():
+    from LesionLocatorLib.point_search import FEATURES
+    from LesionLocatorLib.training.point_selector import chosen_dice, contrast_scores, fit_selector
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 7, len(FEATURES)))
+    # the best candidate is where one feature peaks; contrast is noise here
+    key = features[..., FEATURES.index("cube_face_fill")]
+    dice = np.where(key == key.max(axis=1, keepdims=True), 0.9, 0.3) + rng.uniform(0, 0.05, key.shape)
+    selector = fit_selector(features[:200], dice[:200], steps=300)
+    held_out = chosen_dice(selector.scores(features[200:]), dice[200:])
+    assert held_out.mean() > 0.85
+    assert chosen_dice(contrast_scores(features[200:]), dice[200:]).mean() < 0.5
+
+
+def test_fit_point_search_command_writes_a_selector_that_loads(searching_root, tmp_path: Path):
+    from LesionLocatorLib import cli
+
+    root = tmp_path / "model"
+    shutil.copytree(searching_root, root)
+    before = (root / MODEL_MANIFEST).read_text()
+    saved = tmp_path / "features.npz"
+    base = ["fit-point-search", "-m", str(root), "--steps", "30", "--seeds", "1"]
+    assert cli.main(base + ["--backgrounds", "body_phantom:7", "head_phantom:8", "--cases-per-background", "2",
+                            "--save-features", str(saved), "--dry-run"]) == 0
+    assert (root / MODEL_MANIFEST).read_text() == before  # a dry run writes nothing
+    with np.load(saved) as data:
+        assert data["features"].shape[1:] == (len(SIZES_MM) + 1, 12) and data["dice"].shape == data["features"].shape[:2]
+        assert np.all((data["dice"] >= 0) & (data["dice"] <= 1))
+    assert cli.main(base + ["--features", str(saved)]) == 0
+    assert Segmenter.from_folder(root, device="cpu").point_search.selector is not None
+    assert cli.main(base + ["--backgrounds", "brain_atlas_ct"]) == 2  # a validation background
+    (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "net_point", "box": "net"}}))
+    assert cli.main(base + ["--features", str(saved)]) == 2  # no point search to fit
+
+
+def test_new_search_sizes_drop_a_selector_fitted_for_earlier_networks(tmp_path: Path):
+    from LesionLocatorLib.training.plans import set_point_search
+
+    selector = preferring("contrast").manifest_entry()
+    (tmp_path / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "p", "box": "b"},
+                                                       "point_search": {"box_sizes_mm": [8], "selector": selector}}))
+    assert set_point_search(tmp_path, [10, 20])
+    assert json.loads((tmp_path / MODEL_MANIFEST).read_text())["point_search"] == {"box_sizes_mm": [10.0, 20.0]}

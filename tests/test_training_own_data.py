@@ -199,6 +199,7 @@ def test_evaluate_uses_the_model_point_search_unless_disabled(dataset, tmp_path)
         assert evaluate.run(parser.parse_args(common + extra + ["-o", str(output)])) == 0
         results = json.loads(output.read_text())
         assert results["point_search_box_sizes_mm"] == sizes
+        assert results["point_search_selector"] is False
         assert results["own_data"]["summary"]["point"]["lesions"] == dataset[1]
 
 

@@ -170,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
     searching = set_point_search(args.output, None if args.no_point_search else args.point_search)
     if not searching and not args.no_point_search:
         print("no point search yet: it needs a box network in this model root (train --tasks box)", file=sys.stderr)
+    elif searching:
+        print(f"clicks pick among the point search's candidates by contrast; `lesionlocator fit-point-search -m "
+              f"{args.output}` fits a selector for these networks", file=sys.stderr)
     if not args.no_validate:
         summary = _validate(args.output, work_dir, args)["summary"]
         print(json.dumps(summary, indent=1))

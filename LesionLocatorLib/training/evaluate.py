@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     point_search = not args.disable_point_search
     search = PointSearch.from_manifest(read_model_manifest(root), str(root)) if point_search else None
     results: dict = {"model": str(root), "seed": args.seed,
-                     "point_search_box_sizes_mm": list(search.box_sizes_mm) if search else None}
+                     "point_search_box_sizes_mm": list(search.box_sizes_mm) if search else None,
+                     "point_search_selector": bool(search and search.selector)}
     needs_cases = {"segmentation", "tracking"} - set(args.skip)
     cases = make_validation_set(args.seed, args.backgrounds or VALIDATION_BACKGROUNDS, args.cases_per_background,
                                 args.lesions_per_case, with_follow_up="tracking" not in args.skip) if needs_cases else []

@@ -1,0 +1,188 @@
+"""`lesionlocator fit-point-search`: fit the point search's candidate selector on synthetic lesions.
+
+For every lesion of a synthetic set made on training backgrounds (never the validation ones), the model's point
+search makes all its candidates (the point network's answer and the box network's on each cube); each gets its
+features (point_search.FEATURES) and its Dice against the exact mask. A small network (one tanh layer) learns to score
+the candidates so that a softmax over them puts its weight on the best Dice; the kept candidate at inference is the
+highest score. Several seeds are fitted and averaged (one wider hidden layer, stored as such).
+
+    lesionlocator fit-point-search -m MODEL_ROOT                  # fit and write the selector into the manifest
+    lesionlocator fit-point-search -m MODEL_ROOT --dry-run        # only report what it would gain
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import LesionLocatorError
+from ..point_search import FEATURES, MANIFEST_KEY, Candidate, CandidateSelector, candidate_features
+
+MIN_LESIONS = 10  # fewer cannot say which candidate to keep
+# Training backgrounds with phantom seeds of their own (the validation phantoms are 90001-90003).
+SELECTOR_BACKGROUNDS = ("abdomen_ct", "cranium_ct", "body_phantom:6101", "body_phantom:6102", "body_phantom:6103",
+                        "head_phantom:6104", "head_phantom:6105")
+DEFAULT_SEED = 777
+
+
+def candidate_dice(candidate: Candidate, truth_zyx: np.ndarray, truth_voxels: int) -> float:
+    mask = candidate.mask
+    total = int(mask.sum()) + truth_voxels
+    return 1.0 if total == 0 else 2.0 * int((truth_zyx[candidate.region] & mask).sum()) / total
+
+
+def collect(segmenter, cases, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features (lesions, candidates, FEATURES) and Dice (lesions, candidates) of every lesion's candidates, from the
+    click each validation-style case holds for it."""
+    from ..prompts import PointPrompt
+
+    search = segmenter.point_search
+    features, dice = [], []
+    total = sum(len(c.case.lesions) for c in cases)
+    for validation_case in cases:
+        case = validation_case.case
+        for lesion in case.lesions:
+            truth = case.lesion_mask(lesion.lesion_id)
+            click = PointPrompt(tuple(float(v) for v in validation_case.points_zyx[lesion.lesion_id]))
+            candidates = segmenter.point_candidates(case.image, click)
+            features.append(candidate_features(case.image.array, case.image.spacing_zyx, candidates,
+                                               search.box_sizes_mm))
+            dice.append([candidate_dice(c, truth, int(truth.sum())) for c in candidates])
+            if progress is not None:
+                progress(len(dice), total)
+    return np.asarray(features, float), np.asarray(dice, float)
+
+
+def fit_selector(features: np.ndarray, dice: np.ndarray, hidden: int = 8, seeds: int = 3, steps: int = 600,
+                 temperature: float = 0.1, weight_decay: float = 1e-3, lr: float = 0.02) -> CandidateSelector:
+    """Maximize the softmax(score / temperature)-weighted Dice per lesion; `seeds` networks averaged into one."""
+    import torch
+
+    flat = features.reshape(-1, features.shape[-1])
+    mean, scale = flat.mean(axis=0), flat.std(axis=0)
+    scale = np.where(scale > 1e-6, scale, 1.0)  # a constant feature stays 0 after standardizing
+    inputs = torch.tensor((features - mean) / scale, dtype=torch.float32)
+    targets = torch.tensor(dice, dtype=torch.float32)
+    parts = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], hidden), torch.nn.Tanh(),
+                                  torch.nn.Linear(hidden, 1))
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            weights = torch.softmax(net(inputs).squeeze(-1) / temperature, dim=-1)
+            loss = -(weights * targets).sum(dim=-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        parts.append([p.detach().double().numpy() for p in net.parameters()])
+    # the mean of the seeds' outputs is one network with their hidden units side by side (the output bias is
+    # the same for every candidate and cannot change the choice)
+    return CandidateSelector(mean, scale, np.concatenate([p[0] for p in parts]),
+                             np.concatenate([p[1] for p in parts]), np.concatenate([p[2][0] for p in parts]) / seeds)
+
+
+def chosen_dice(scores: np.ndarray, dice: np.ndarray) -> np.ndarray:
+    """The Dice of the highest-scoring candidate per lesion (ties: the first)."""
+    return dice[np.arange(len(dice)), np.argmax(scores, axis=1)]
+
+
+def contrast_scores(features: np.ndarray) -> np.ndarray:
+    return features[..., FEATURES.index("contrast")]
+
+
+def cross_validated_dice(features: np.ndarray, dice: np.ndarray, folds: int = 5, **fit_options) -> np.ndarray:
+    """Each lesion's chosen Dice by a selector fitted without its fold."""
+    order = np.random.default_rng(0).permutation(len(dice))
+    chosen = np.zeros(len(dice))
+    for fold in range(folds):
+        held_out = order[fold::folds]
+        kept = np.setdiff1d(order, held_out)
+        selector = fit_selector(features[kept], dice[kept], **fit_options)
+        chosen[held_out] = chosen_dice(selector.scores(features[held_out]), dice[held_out])
+    return chosen
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default=None,
+                        help="model root or name whose manifest asks for a point search (default: bundled Lite)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic fitting set")
+    parser.add_argument("--backgrounds", nargs="+", default=list(SELECTOR_BACKGROUNDS),
+                        help="training backgrounds (never the validation ones)")
+    parser.add_argument("--cases-per-background", type=int, default=16)
+    parser.add_argument("--lesions-per-case", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=8, help="hidden units per seed")
+    parser.add_argument("--seeds", type=int, default=3, help="networks fitted and averaged")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--features", type=Path, help="features .npz saved by an earlier run: skip the segmentation")
+    parser.add_argument("--save-features", type=Path, help="save the features and Dice here (.npz)")
+    parser.add_argument("--dry-run", action="store_true", help="report, but leave the manifest as it is")
+    parser.add_argument("-device", "--device", default="cpu")
+
+
+def check_backgrounds(backgrounds: Sequence[str]) -> None:
+    from ..synthetic.cases import VALIDATION_BACKGROUNDS
+
+    held_out = sorted(set(backgrounds) & set(VALIDATION_BACKGROUNDS))
+    if held_out:
+        raise LesionLocatorError(f"{held_out} are validation backgrounds; fitting on them would leak into "
+                                 f"`lesionlocator evaluate`. Use training backgrounds (default: {SELECTOR_BACKGROUNDS}).")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_model_manifest
+    from ..models.layout import MODEL_MANIFEST
+    from ..segment_cli import resolve_model_root
+    from ..segmentation import Segmenter
+
+    root = resolve_model_root(args.model)
+    segmenter = Segmenter(root, device=args.device, preset="fast")
+    if segmenter.point_search is None:
+        raise LesionLocatorError(f"{root} asks for no point search; add one first "
+                                 "(`lesionlocator train --point-search ...` writes it).")
+    if args.features is not None:
+        with np.load(args.features) as saved:
+            if list(saved["features_names"]) != list(FEATURES):
+                raise LesionLocatorError(f"{args.features} holds other features than {list(FEATURES)}; run without "
+                                         "--features to make them again.")
+            features, dice = saved["features"], saved["dice"]
+    else:
+        check_backgrounds(args.backgrounds)
+        from ..synthetic.cases import make_validation_set
+
+        cases = make_validation_set(args.seed, args.backgrounds, args.cases_per_background, args.lesions_per_case)
+        started = time.perf_counter()
+        features, dice = collect(segmenter, cases, lambda done, total: print(
+            f"\rcandidates: {done}/{total} lesions ({time.perf_counter() - started:.0f} s)", end="", file=sys.stderr))
+        print(file=sys.stderr)
+    if features.shape[1:] != (len(segmenter.point_search.box_sizes_mm) + 1, len(FEATURES)):
+        raise LesionLocatorError(f"the features are for another search than {root}'s "
+                                 f"({len(segmenter.point_search.box_sizes_mm)} cubes).")
+    if len(dice) < MIN_LESIONS:
+        raise LesionLocatorError(f"only {len(dice)} lesions to fit on; use at least {MIN_LESIONS} "
+                                 "(more --cases-per-background or --backgrounds).")
+    if args.save_features is not None:
+        np.savez(args.save_features, features=features, dice=dice, features_names=np.asarray(FEATURES))
+    options = dict(hidden=args.hidden, seeds=args.seeds, steps=args.steps)
+    report = {"lesions": len(dice), "point_network": float(dice[:, 0].mean()),
+              "contrast": float(chosen_dice(contrast_scores(features), dice).mean()),
+              "selector_cross_validated": float(cross_validated_dice(features, dice, **options).mean()),
+              "best_candidate": float(dice.max(axis=1).mean())}
+    print("mean Dice of the kept candidate on the fitting lesions:", json.dumps(report, indent=1))
+    selector = fit_selector(features, dice, **options)
+    if args.dry_run:
+        return 0
+    manifest_path = root / MODEL_MANIFEST
+    manifest = read_model_manifest(root)
+    replaced = "selector" in manifest[MANIFEST_KEY]
+    manifest[MANIFEST_KEY]["selector"] = selector.manifest_entry()
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    Segmenter(root, device="cpu")  # the written entry loads
+    print(f"wrote the selector into {manifest_path}" + (" (it replaced the earlier one)" if replaced else ""),
+          file=sys.stderr)
+    return 0
