@@ -152,14 +152,15 @@ def candidate_features(image_zyx: np.ndarray, spacing_zyx, candidates: Sequence[
         raise ValueError(f"expected the point network's answer and {len(box_sizes_mm)} cubes, got {len(candidates)}")
     spacing = np.asarray(spacing_zyx, float)
     masks = [(c.mask, c.offset_zyx) for c in candidates]
-    contrasts = np.asarray([boundary_contrast(image_zyx, spacing, m, o) for m, o in masks])
+    around = [_surroundings(m, o, spacing, image_zyx.shape) if m.any() else None for m, o in masks]
+    contrasts = np.asarray([_contrast(image_zyx, spacing, a) if a is not None else -np.inf for a in around])
     contrasts = np.where(np.isfinite(contrasts), contrasts, EMPTY_CONTRAST)
     ranks = (-contrasts).argsort(kind="stable").argsort()
     rows = []
     for k, candidate in enumerate(candidates):
         mask, offset = masks[k]
         diameter = (6 * mask.sum() * np.prod(spacing) / np.pi) ** (1 / 3)
-        inside, band = _mean_probabilities(candidate, spacing, image_zyx.shape)
+        inside, band = _mean_probabilities(candidate, around[k])
         is_cube = k > 0
         rows.append([
             contrasts[k], contrasts[k] - contrasts.max(), ranks[k], float(not is_cube), np.log1p(diameter),
@@ -173,15 +174,14 @@ def candidate_features(image_zyx: np.ndarray, spacing_zyx, candidates: Sequence[
     return np.asarray(rows, float)
 
 
-def _mean_probabilities(candidate: Candidate, spacing: np.ndarray, image_shape) -> tuple[float, float]:
+def _mean_probabilities(candidate: Candidate, surroundings) -> tuple[float, float]:
     """Mean foreground probability inside the mask and in the band just outside it (0, 0 for an empty mask)."""
-    mask = candidate.mask
-    if not mask.any():
+    if surroundings is None:
         return 0.0, 0.0
-    lo, hi, inside, band = _mask_and_band(mask, candidate.offset_zyx, spacing, image_shape)
+    lo, hi, inside, band = surroundings
     score = np.full(inside.shape, OUTSIDE_LOGIT, np.float32)
     offset = candidate.offset_zyx
-    start, stop = np.maximum(lo, offset), np.minimum(hi, offset + mask.shape)
+    start, stop = np.maximum(lo, offset), np.minimum(hi, offset + candidate.score.shape)
     score[_slices(start - lo, stop - lo)] = candidate.score[_slices(start - offset, stop - offset)]
     probability = 1.0 / (1.0 + np.exp(-np.clip(score, -50, 50)))
     return float(probability[inside].mean()), float(probability[band].mean()) if band.any() else 0.0
@@ -239,23 +239,25 @@ def boundary_contrast(image_zyx: np.ndarray, spacing_zyx, mask_zyx: np.ndarray, 
     if not mask.any():
         return float("-inf")
     spacing = np.asarray(spacing_zyx, float)
-    lo, hi, crop, outside = _mask_and_band(mask, np.asarray(offset_zyx, int), spacing, image_zyx.shape,
-                                           context_mm=3 * SMOOTHING_MM)  # what the smoothing of the band sees
+    return _contrast(image_zyx, spacing, _surroundings(mask, np.asarray(offset_zyx, int), spacing, image_zyx.shape))
+
+
+def _contrast(image_zyx: np.ndarray, spacing: np.ndarray, surroundings) -> float:
+    lo, hi, crop, outside = surroundings
     if not outside.any():
         return float("-inf")
-    smoothed = ndimage.gaussian_filter(image_zyx[_slices(lo, hi)].astype(np.float32),
-                                       SMOOTHING_MM / spacing)
+    smoothed = ndimage.gaussian_filter(image_zyx[_slices(lo, hi)].astype(np.float32), SMOOTHING_MM / spacing)
     within, around = smoothed[crop], smoothed[outside]
     spread = np.sqrt(0.5 * (within.var() + around.var())) + 1e-6 * (np.abs(smoothed).mean() + 1e-12)
     return float(abs(within.mean() - around.mean()) / spread)
 
 
-def _mask_and_band(mask: np.ndarray, offset_zyx: np.ndarray, spacing: np.ndarray, image_shape,
-                   context_mm: float = 0.0):
+def _surroundings(mask: np.ndarray, offset_zyx: np.ndarray, spacing: np.ndarray, image_shape):
     """A crop [lo, hi) of the image grid around a non-empty mask placed at `offset_zyx`, wide enough for the BAND_MM
-    band just outside the mask plus `context_mm` (+1 voxel) within the image: the mask on it, and the band."""
+    band just outside the mask and what smoothing the band sees (+1 voxel), within the image: the mask on it, and
+    the band."""
     band = np.maximum(np.round(BAND_MM / spacing).astype(int), 1)
-    margin = band + np.ceil(context_mm / spacing).astype(int) + 1
+    margin = band + np.ceil(3 * SMOOTHING_MM / spacing).astype(int) + 1
     found = np.argwhere(mask)
     lo = np.maximum(found.min(axis=0) + offset_zyx - margin, 0)
     hi = np.minimum(found.max(axis=0) + offset_zyx + margin + 1, image_shape)
