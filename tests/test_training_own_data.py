@@ -215,3 +215,31 @@ def test_samples_of_unknown_origin_are_never_deleted(dataset, tmp_path):
     with pytest.raises(LesionLocatorError, match="did not make"):
         fill_own_cache(dataset[0], folder, TINY)
     assert foreign.is_file()
+
+
+def test_point_search_selector_fits_on_own_data_alone(dataset, tmp_path):
+    """Each annotated lesion clicked three times in its core: 12 clicks, enough to fit a selector."""
+    import json
+    import shutil
+
+    from LesionLocatorLib import cli
+    from LesionLocatorLib.checkpoint import MODEL_MANIFEST
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+    from LesionLocatorLib.segmentation import Segmenter
+
+    if not (BUNDLED_LITE_DIR / MODEL_MANIFEST).is_file():
+        pytest.skip("bundled Lite model missing")
+    root = tmp_path / "model"
+    shutil.copytree(BUNDLED_LITE_DIR, root)
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    manifest["point_search"] = {"box_sizes_mm": [10, 30]}
+    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    saved = tmp_path / "features.npz"
+    command = ["fit-point-search", "-m", str(root), "--cases-per-background", "0", "--own-data", str(dataset[0]),
+               "--steps", "30", "--seeds", "1", "--save-features", str(saved)]
+    assert cli.main(command) == 0
+    with np.load(saved) as data:
+        assert data["dice"].shape == (3 * dataset[1], 3)
+        assert data["dice"].max(axis=1).min() > 0  # every click's candidates find its lesion
+    assert Segmenter.from_folder(root, device="cpu").point_search.selector is not None
+    assert cli.main(command[:-2] + ["--clicks-per-lesion", "1"]) == 2  # 4 clicks are too few to fit on

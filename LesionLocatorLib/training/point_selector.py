@@ -8,6 +8,7 @@ highest score. Several seeds are fitted and averaged (one wider hidden layer, st
 
     lesionlocator fit-point-search -m MODEL_ROOT                  # fit and write the selector into the manifest
     lesionlocator fit-point-search -m MODEL_ROOT --dry-run        # only report what it would gain
+    lesionlocator fit-point-search -m MODEL_ROOT --own-data DATASET   # add clicks on your annotated CTs
 """
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from itertools import chain
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import LesionLocatorError
+from ..image import ImageVolume
 from ..point_search import FEATURES, MANIFEST_KEY, Candidate, CandidateSelector, candidate_features
+from ..prompts import PointPrompt
 
-MIN_LESIONS = 10  # fewer cannot say which candidate to keep
+MIN_CLICKS = 10  # fewer cannot say which candidate to keep
 # Training backgrounds with phantom seeds of their own (the validation phantoms are 90001-90003).
 SELECTOR_BACKGROUNDS = ("abdomen_ct", "cranium_ct", "body_phantom:6101", "body_phantom:6102", "body_phantom:6103",
                         "head_phantom:6104", "head_phantom:6105")
@@ -36,26 +40,45 @@ def candidate_dice(candidate: Candidate, truth_zyx: np.ndarray, truth_voxels: in
     return 1.0 if total == 0 else 2.0 * int((truth_zyx[candidate.region] & mask).sum()) / total
 
 
-def collect(segmenter, cases, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Features (lesions, candidates, FEATURES) and Dice (lesions, candidates) of every lesion's candidates, from the
-    click each validation-style case holds for it."""
-    from ..prompts import PointPrompt
-
-    search = segmenter.point_search
-    features, dice = [], []
-    total = sum(len(c.case.lesions) for c in cases)
+def synthetic_clicks(cases) -> Iterator[tuple[ImageVolume, np.ndarray, PointPrompt]]:
+    """(image, true mask, click) for each lesion of validation-style synthetic cases, with the click they hold."""
     for validation_case in cases:
         case = validation_case.case
         for lesion in case.lesions:
-            truth = case.lesion_mask(lesion.lesion_id)
             click = PointPrompt(tuple(float(v) for v in validation_case.points_zyx[lesion.lesion_id]))
-            candidates = segmenter.point_candidates(case.image, click)
-            features.append(candidate_features(case.image.array, case.image.spacing_zyx, candidates,
-                                               search.box_sizes_mm))
-            dice.append([candidate_dice(c, truth, int(truth.sum())) for c in candidates])
-            if progress is not None:
-                progress(len(dice), total)
-    return np.asarray(features, float), np.asarray(dice, float)
+            yield case.image, case.lesion_mask(lesion.lesion_id), click
+
+
+def own_data_clicks(dataset: Path, clicks_per_lesion: int, seed: int) -> Iterator[tuple[ImageVolume, np.ndarray,
+                                                                                          PointPrompt]]:
+    """(image, true mask, click) for each lesion of an annotated nnU-Net raw dataset's training split, clicked
+    `clicks_per_lesion` times anywhere in its core (as the synthetic prompts are)."""
+    from ..synthetic.prompts import sample_point_prompt
+    from .own_data import dataset_cases, read_case
+
+    rng = np.random.default_rng(seed)
+    for _, image_path, label_path in dataset_cases(dataset, "Tr"):
+        image, masks = read_case(image_path, label_path)
+        for mask in masks:
+            for _ in range(clicks_per_lesion):
+                click = sample_point_prompt(mask, rng, image.spacing_zyx)
+                yield image, mask, PointPrompt(tuple(float(v) for v in click))
+
+
+def collect(segmenter, clicks: Iterable[tuple[ImageVolume, np.ndarray, PointPrompt]],
+            progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features (clicks, candidates, FEATURES) and Dice (clicks, candidates) of every click's candidates."""
+    features, dice = [], []
+    for image, truth, click in clicks:
+        candidates = segmenter.point_candidates(image, click)
+        features.append(candidate_features(image.array, image.spacing_zyx, candidates,
+                                           segmenter.point_search.box_sizes_mm))
+        truth = np.asarray(truth, bool)
+        dice.append([candidate_dice(c, truth, int(truth.sum())) for c in candidates])
+        if progress is not None:
+            progress(len(dice))
+    return np.asarray(features, float).reshape(-1, len(segmenter.point_search.box_sizes_mm) + 1, len(FEATURES)), \
+        np.asarray(dice, float).reshape(-1, len(segmenter.point_search.box_sizes_mm) + 1)
 
 
 def fit_selector(features: np.ndarray, dice: np.ndarray, hidden: int = 8, seeds: int = 3, steps: int = 600,
@@ -114,8 +137,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic fitting set")
     parser.add_argument("--backgrounds", nargs="+", default=list(SELECTOR_BACKGROUNDS),
                         help="training backgrounds (never the validation ones)")
-    parser.add_argument("--cases-per-background", type=int, default=16)
+    parser.add_argument("--cases-per-background", type=int, default=16, help="0: no synthetic lesions")
     parser.add_argument("--lesions-per-case", type=int, default=3)
+    parser.add_argument("--own-data", type=Path, metavar="DATASET",
+                        help="also fit on your annotated CTs (nnU-Net raw dataset, imagesTr/labelsTr; see "
+                             "`lesionlocator train --own-data`)")
+    parser.add_argument("--clicks-per-lesion", type=int, default=3,
+                        help="clicks anywhere in each of your lesions' cores (--own-data)")
     parser.add_argument("--hidden", type=int, default=8, help="hidden units per seed")
     parser.add_argument("--seeds", type=int, default=3, help="networks fitted and averaged")
     parser.add_argument("--steps", type=int, default=600)
@@ -132,6 +160,26 @@ def check_backgrounds(backgrounds: Sequence[str]) -> None:
     if held_out:
         raise LesionLocatorError(f"{held_out} are validation backgrounds; fitting on them would leak into "
                                  f"`lesionlocator evaluate`. Use training backgrounds (default: {SELECTOR_BACKGROUNDS}).")
+
+
+def collect_for(segmenter, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates of the synthetic lesions and of the --own-data lesions the command line asks for."""
+    from ..synthetic.cases import make_validation_set
+
+    clicks: Iterable = ()
+    if args.cases_per_background > 0:
+        check_backgrounds(args.backgrounds)
+        clicks = synthetic_clicks(make_validation_set(args.seed, args.backgrounds, args.cases_per_background,
+                                                      args.lesions_per_case))
+    if args.own_data is not None:
+        if args.clicks_per_lesion < 1:
+            raise LesionLocatorError("--clicks-per-lesion must be at least 1.")
+        clicks = chain(clicks, own_data_clicks(args.own_data, args.clicks_per_lesion, args.seed))
+    started = time.perf_counter()
+    features, dice = collect(segmenter, clicks, lambda done: print(
+        f"\rcandidates: {done} clicks ({time.perf_counter() - started:.0f} s)", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    return features, dice
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,28 +200,21 @@ def run(args: argparse.Namespace) -> int:
                                          "--features to make them again.")
             features, dice = saved["features"], saved["dice"]
     else:
-        check_backgrounds(args.backgrounds)
-        from ..synthetic.cases import make_validation_set
-
-        cases = make_validation_set(args.seed, args.backgrounds, args.cases_per_background, args.lesions_per_case)
-        started = time.perf_counter()
-        features, dice = collect(segmenter, cases, lambda done, total: print(
-            f"\rcandidates: {done}/{total} lesions ({time.perf_counter() - started:.0f} s)", end="", file=sys.stderr))
-        print(file=sys.stderr)
+        features, dice = collect_for(segmenter, args)
     if features.shape[1:] != (len(segmenter.point_search.box_sizes_mm) + 1, len(FEATURES)):
         raise LesionLocatorError(f"the features are for another search than {root}'s "
                                  f"({len(segmenter.point_search.box_sizes_mm)} cubes).")
-    if len(dice) < MIN_LESIONS:
-        raise LesionLocatorError(f"only {len(dice)} lesions to fit on; use at least {MIN_LESIONS} "
-                                 "(more --cases-per-background or --backgrounds).")
+    if len(dice) < MIN_CLICKS:
+        raise LesionLocatorError(f"only {len(dice)} clicks to fit on; use at least {MIN_CLICKS} (more "
+                                 "--cases-per-background, --backgrounds or --clicks-per-lesion).")
     if args.save_features is not None:
         np.savez(args.save_features, features=features, dice=dice, features_names=np.asarray(FEATURES))
     options = dict(hidden=args.hidden, seeds=args.seeds, steps=args.steps)
-    report = {"lesions": len(dice), "point_network": float(dice[:, 0].mean()),
+    report = {"clicks": len(dice), "point_network": float(dice[:, 0].mean()),
               "contrast": float(chosen_dice(contrast_scores(features), dice).mean()),
               "selector_cross_validated": float(cross_validated_dice(features, dice, **options).mean()),
               "best_candidate": float(dice.max(axis=1).mean())}
-    print("mean Dice of the kept candidate on the fitting lesions:", json.dumps(report, indent=1))
+    print("mean Dice of the kept candidate on the fitting clicks:", json.dumps(report, indent=1))
     selector = fit_selector(features, dice, **options)
     if args.dry_run:
         return 0
