@@ -330,3 +330,18 @@ def test_new_search_sizes_drop_a_selector_fitted_for_earlier_networks(tmp_path: 
                                                        "point_search": {"box_sizes_mm": [8], "selector": selector}}))
     assert set_point_search(tmp_path, [10, 20])
     assert json.loads((tmp_path / MODEL_MANIFEST).read_text())["point_search"] == {"box_sizes_mm": [10.0, 20.0]}
+
+
+def test_candidate_dice_counts_the_truth_outside_the_candidate_region():
+    from LesionLocatorLib.point_search import Candidate
+    from LesionLocatorLib.training.point_selector import candidate_dice
+    from LesionLocatorLib.training.validation import dice_score
+
+    image, truth = sphere_image(radius_mm=9)
+    region = (slice(10, 30), slice(40, 64), slice(40, 90))  # cuts the ball: part of the truth lies outside
+    score = np.where(truth[region], 3.0, -3.0)
+    whole = np.zeros_like(truth)
+    whole[region] = truth[region]
+    candidate = Candidate(PointPrompt((20.0, 60.0, 60.0)), score, region)
+    assert candidate_dice(candidate, truth, int(truth.sum())) == pytest.approx(dice_score(whole, truth))
+    assert 0 < dice_score(whole, truth) < 1
