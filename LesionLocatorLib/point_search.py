@@ -35,7 +35,7 @@ FEATURES = ("contrast", "contrast_minus_best", "contrast_rank", "is_point_networ
             "dice_next_cube", "dice_previous_cube", "dice_point_network")
 # Stands for the contrast of an empty mask (-inf) among the features.
 EMPTY_CONTRAST = -1.0
-# Foreground-minus-background logit assumed outside a candidate's predicted region (as the Segmenter does).
+# Foreground-minus-background logit outside a candidate's predicted region: background (the Segmenter's value too).
 OUTSIDE_LOGIT = -10.0
 
 

@@ -18,7 +18,7 @@ from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, re
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
-from .point_search import Candidate, PointSearch
+from .point_search import OUTSIDE_LOGIT, Candidate, PointSearch
 from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
     BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
@@ -29,8 +29,9 @@ Progress = Callable[[float, str], None]
 PRESETS = {"fast": {"all_folds": False, "use_tta": False}, "accurate": {"all_folds": True, "use_tta": True}}
 MODES = ("roi", "exact")
 # Logit difference (foreground - background) outside the predicted patches: background, finite so that
-# interpolation near the patch border stays well defined (the official code leaves NaN there).
-OUTSIDE_FG_MINUS_BG = -10.0
+# interpolation near the patch border stays well defined (the official code leaves NaN there). The point search
+# assumes the same value outside a candidate's region.
+OUTSIDE_FG_MINUS_BG = OUTSIDE_LOGIT
 # Extra context around the patch in roi mode, so that resampling near the patch sees the same neighbours as in
 # the whole image: preprocessed voxels + original voxels.
 ROI_MARGIN_TARGET_VOXELS = 4
