@@ -254,7 +254,7 @@ class Preprocessor:
             extremes = np.array([[whole.min()], [whole.max()]])
         else:
             others = tuple(a for a in range(3) if a != axis)
-            rows = np.take(whole, np.arange(crop[axis].start, crop[axis].stop), axis=axis)
+            rows = whole[tuple(crop[axis] if a == axis else slice(None) for a in range(3))]  # a view, no copy
             extremes = np.stack([rows.min(axis=others), rows.max(axis=others)])
         normalized = self._normalize_values(extremes.reshape(1, 2, -1), whole).reshape(extremes.shape)
         return normalized[0], normalized[1]
