@@ -32,6 +32,7 @@ MIN_CLICKS = 10  # fewer cannot say which candidate to keep
 SELECTOR_BACKGROUNDS = ("abdomen_ct", "cranium_ct", "body_phantom:6101", "body_phantom:6102", "body_phantom:6103",
                         "head_phantom:6104", "head_phantom:6105")
 DEFAULT_SEED = 777
+PREVIOUS_MANIFEST = "lesionlocator_model.previous.json"
 
 
 def candidate_dice(candidate: Candidate, truth_zyx: np.ndarray, truth_voxels: int) -> float:
@@ -132,8 +133,9 @@ def cross_validated_dice(features: np.ndarray, dice: np.ndarray, folds: int = 5,
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", default=None,
-                        help="model root or name whose manifest asks for a point search (default: bundled Lite)")
+    parser.add_argument("-m", "--model", required=True,
+                        help="model root or name whose manifest asks for a point search (the bundled one: "
+                             "lesionlocator-lite); its manifest gets the selector")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic fitting set")
     parser.add_argument("--backgrounds", nargs="+", default=list(SELECTOR_BACKGROUNDS),
                         help="training backgrounds (never the validation ones)")
@@ -220,10 +222,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     manifest_path = root / MODEL_MANIFEST
     manifest = read_model_manifest(root)
-    replaced = "selector" in manifest[MANIFEST_KEY]
+    kept = ""
+    if "selector" in manifest[MANIFEST_KEY]:  # keep the selector it replaces
+        previous = manifest_path.with_name(PREVIOUS_MANIFEST)
+        previous.write_text(manifest_path.read_text())
+        kept = f"; the manifest with the earlier selector is kept as {previous}"
     manifest[MANIFEST_KEY]["selector"] = selector.manifest_entry()
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     Segmenter(root, device="cpu")  # the written entry loads
-    print(f"wrote the selector into {manifest_path}" + (" (it replaced the earlier one)" if replaced else ""),
-          file=sys.stderr)
+    print(f"wrote the selector into {manifest_path}{kept}", file=sys.stderr)
     return 0
