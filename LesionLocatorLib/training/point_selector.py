@@ -1,7 +1,7 @@
-"""`lesionlocator fit-point-search`: fit the point search's candidate selector on synthetic lesions.
+"""`lesionlocator fit-point-search`: fit the point search's candidate selector on synthetic lesions (and yours).
 
-For every lesion of a synthetic set made on training backgrounds (never the validation ones), the model's point
-search makes all its candidates (the point network's answer and the box network's on each cube); each gets its
+For every click on a lesion of a synthetic set made on training backgrounds (never the validation ones), and
+optionally on lesions of your annotated CTs, the model's point search makes all its candidates (the point network's answer and the box network's on each cube); each gets its
 features (point_search.FEATURES) and its Dice against the exact mask. A small network (one tanh layer) learns to score
 the candidates so that a softmax over them puts its weight on the best Dice; the kept candidate at inference is the
 highest score. Several seeds are fitted and averaged (one wider hidden layer, stored as such).
@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from itertools import chain
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
