@@ -12,7 +12,7 @@ All arrays are (z, y, x); spacings are (z, y, x) in mm here, as nnU-Net uses the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -38,6 +38,8 @@ _NORMALIZATIONS = {
 }
 # Input voxels of context around a window, so the cubic spline prefilter (decaying ~0.27 per voxel) matches.
 SPLINE_CONTEXT_VOXELS = 12
+# ... and for linear interpolation (it reads 1 voxel; the rest is slack).
+LINEAR_CONTEXT_VOXELS = 3
 
 
 def nonzero_bounding_box(array_zyx: np.ndarray) -> Region:
@@ -289,6 +291,23 @@ class Preprocessor:
         values = resample_window(difference_zyx.astype(np.float64), pre.window_start_zyx, pre.grid_shape_zyx,
                                  pre.nonzero_shape_zyx, local, interpolation, None, None)
         return values.astype(np.float32), region
+
+    def changed_window_to_original(self, difference_zyx: np.ndarray, pre: PreprocessedImage,
+                                   background: float) -> tuple[np.ndarray, Region]:
+        """window_to_original of only the part of the window around the values that differ from `background`
+        (the patches); elsewhere the logits are that constant, and they resample to it (background)."""
+        changed = np.argwhere(difference_zyx != background)
+        if not len(changed):
+            return self.window_to_original(difference_zyx, pre)
+        config = self.configuration.configuration
+        order = self.interpolation(config["resampling_fn_probabilities"], config["resampling_fn_probabilities_kwargs"],
+                                   pre.target_spacing_zyx, pre.original_spacing_zyx).order
+        margin = LINEAR_CONTEXT_VOXELS if order <= 1 else SPLINE_CONTEXT_VOXELS
+        local = tuple(slice(max(0, int(a) - margin), min(int(n), int(b) + 1 + margin))
+                      for a, b, n in zip(changed.min(axis=0), changed.max(axis=0), difference_zyx.shape))
+        window = tuple(slice(g.start + w.start, g.start + w.stop) for g, w in zip(pre.grid_region, local))
+        return self.window_to_original(difference_zyx[local], replace(pre, data=pre.data[(slice(None),) + local],
+                                                                     grid_region=window))
 
 
 def _context_crop(window: Region, ratio, input_shape) -> Region:

@@ -87,7 +87,7 @@ class SegmentationModel:
         difference of the resampled logits, so one channel is enough for two classes)."""
         if whole_grid:
             return self.preprocessor.logits_to_original(difference[None], pre)[0], pre.nonzero_region
-        return self.preprocessor.window_to_original(difference, pre)
+        return self.preprocessor.changed_window_to_original(difference, pre, OUTSIDE_FG_MINUS_BG)
 
 
 class Segmenter:

@@ -29,7 +29,7 @@ from scipy import ndimage
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
-from .prediction import PatchPredictor, PredictionSettings, check_cancel, inclusive_bbox, resolve_device
+from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor
 from .prompts import MaskPrompt, Prompt
 from .registration import make_registration
@@ -396,13 +396,9 @@ class Tracker:
         difference = np.full(scan.pre.grid_shape_zyx, OUTSIDE_FG_MINUS_BG, np.float32)
         difference[z_window] = difference_window
         mask = np.zeros(scan.image.shape_zyx, np.uint8)
-        changed = difference != OUTSIDE_FG_MINUS_BG
-        if not changed.any():
+        if np.all(difference == OUTSIDE_FG_MINUS_BG):
             return mask
-        lo, hi = inclusive_bbox(changed)
-        window = tuple(slice(max(0, int(a) - WINDOW_MARGIN_VOXELS), min(int(n), int(b) + 1 + WINDOW_MARGIN_VOXELS))
-                       for a, b, n in zip(lo, hi, scan.pre.grid_shape_zyx))
-        values, region = self.preprocessor.window_to_original(difference[window], replace(scan.pre, grid_region=window))
+        values, region = self.preprocessor.changed_window_to_original(difference, scan.pre, OUTSIDE_FG_MINUS_BG)
         mask[region] = values > 0
         return mask
 
