@@ -179,11 +179,7 @@ def _mean_probabilities(candidate: Candidate, surroundings) -> tuple[float, floa
     if surroundings is None:
         return 0.0, 0.0
     lo, hi, inside, band = surroundings
-    score = np.full(inside.shape, OUTSIDE_LOGIT, np.float32)
-    offset = candidate.offset_zyx
-    start, stop = np.maximum(lo, offset), np.minimum(hi, offset + candidate.score.shape)
-    score[_slices(start - lo, stop - lo)] = candidate.score[_slices(start - offset, stop - offset)]
-    probability = 1.0 / (1.0 + np.exp(-np.clip(score, -50, 50)))
+    probability = sigmoid(_take(candidate.score.astype(np.float32), candidate.offset_zyx, lo, hi, OUTSIDE_LOGIT))
     return float(probability[inside].mean()), float(probability[band].mean()) if band.any() else 0.0
 
 
@@ -209,14 +205,19 @@ def _dice(mask_a: np.ndarray, offset_a: np.ndarray, mask_b: np.ndarray, offset_b
     return 2.0 * int(both.sum()) / total
 
 
-def _take(mask: np.ndarray, offset_zyx: np.ndarray, lo, hi) -> np.ndarray:
-    """The part [lo, hi) of the grid of a mask placed at `offset_zyx`; False where the mask does not reach."""
+def _take(values: np.ndarray, offset_zyx: np.ndarray, lo, hi, fill=False) -> np.ndarray:
+    """The part [lo, hi) of the grid of an array placed at `offset_zyx`; `fill` where the array does not reach."""
     lo, hi = np.asarray(lo, int), np.asarray(hi, int)
-    out = np.zeros(tuple(np.maximum(hi - lo, 0)), bool)
-    start, stop = np.maximum(lo, offset_zyx), np.minimum(hi, offset_zyx + mask.shape)
+    out = np.full(tuple(np.maximum(hi - lo, 0)), fill, values.dtype)
+    start, stop = np.maximum(lo, offset_zyx), np.minimum(hi, offset_zyx + values.shape)
     if np.all(stop > start):
-        out[_slices(start - lo, stop - lo)] = mask[_slices(start - offset_zyx, stop - offset_zyx)]
+        out[_slices(start - lo, stop - lo)] = values[_slices(start - offset_zyx, stop - offset_zyx)]
     return out
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Foreground probability (float32) from foreground-minus-background logits."""
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))).astype(np.float32)
 
 
 def cube_around_point(point_zyx, size_mm: float, spacing_zyx, shape_zyx, max_extent_zyx=None) -> BoxPrompt:

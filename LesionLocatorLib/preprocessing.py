@@ -280,12 +280,15 @@ class Preprocessor:
         nearest = resample(inside, 0) > 0.5
         return np.where(foreground == background, nearest, foreground > background)
 
+    def probability_interpolation(self, pre: PreprocessedImage) -> Interpolation:
+        """How the plans resample logits from the model's grid back to the original spacing."""
+        config = self.configuration.configuration
+        return self.interpolation(config["resampling_fn_probabilities"], config["resampling_fn_probabilities_kwargs"],
+                                  pre.target_spacing_zyx, pre.original_spacing_zyx)
+
     def window_to_original(self, difference_zyx: np.ndarray, pre: PreprocessedImage) -> tuple[np.ndarray, Region]:
         """Resample a window of logits back to the original voxels it alone determines; returns (values, region)."""
-        config = self.configuration.configuration
-        interpolation = self.interpolation(config["resampling_fn_probabilities"],
-                                           config["resampling_fn_probabilities_kwargs"], pre.target_spacing_zyx,
-                                           pre.original_spacing_zyx)
+        interpolation = self.probability_interpolation(pre)
         region = pre.original_region_covered()
         local = tuple(slice(r.start - n.start, r.stop - n.start) for r, n in zip(region, pre.nonzero_region))
         values = resample_window(difference_zyx.astype(np.float64), pre.window_start_zyx, pre.grid_shape_zyx,
@@ -299,10 +302,7 @@ class Preprocessor:
         changed = np.argwhere(difference_zyx != background)
         if not len(changed):
             return self.window_to_original(difference_zyx, pre)
-        config = self.configuration.configuration
-        order = self.interpolation(config["resampling_fn_probabilities"], config["resampling_fn_probabilities_kwargs"],
-                                   pre.target_spacing_zyx, pre.original_spacing_zyx).order
-        margin = LINEAR_CONTEXT_VOXELS if order <= 1 else SPLINE_CONTEXT_VOXELS
+        margin = LINEAR_CONTEXT_VOXELS if self.probability_interpolation(pre).order <= 1 else SPLINE_CONTEXT_VOXELS
         local = tuple(slice(max(0, int(a) - margin), min(int(n), int(b) + 1 + margin))
                       for a, b, n in zip(changed.min(axis=0), changed.max(axis=0), difference_zyx.shape))
         window = tuple(slice(g.start + w.start, g.start + w.stop) for g, w in zip(pre.grid_region, local))

@@ -18,7 +18,7 @@ from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, re
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
-from .point_search import OUTSIDE_LOGIT, Candidate, PointSearch
+from .point_search import OUTSIDE_LOGIT, Candidate, PointSearch, sigmoid
 from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
     BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
@@ -160,8 +160,8 @@ class Segmenter:
             mask[region] = score > 0
             result.masks[lesion_id] = mask
             if return_probabilities:
-                probability = np.full(image.shape_zyx, _sigmoid(np.float32(OUTSIDE_FG_MINUS_BG)), np.float32)
-                probability[region] = _sigmoid(score)
+                probability = np.full(image.shape_zyx, sigmoid(np.float32(OUTSIDE_FG_MINUS_BG)), np.float32)
+                probability[region] = sigmoid(score)
                 result.probabilities[lesion_id] = probability
         report(1.0, "done")
         return result
@@ -286,10 +286,6 @@ def prompt_extent_zyx(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(prompt.lo_zyx, float), np.asarray(prompt.hi_zyx, float)
     coords = np.argwhere(prompt.mask)
     return coords.min(axis=0).astype(float), coords.max(axis=0).astype(float) + 1
-
-
-def _sigmoid(score: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-np.clip(score, -50, 50)))).astype(np.float32)
 
 
 __all__ = ["Segmenter", "SegmentationResult", "Cancelled", "PRESETS", "MODES"]
