@@ -100,6 +100,7 @@ class LesionLocatorParameterNode:
     registration: Annotated[str, Choice(list(REGISTRATIONS))] = "auto"
     cpuBfloat16: bool = False
     pointSearch: bool = True
+    boxRefinement: bool = True
 
 
 #
@@ -526,7 +527,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic, LesionTrackingLogic):
         folder = str(parameterNode.modelFolder) if str(parameterNode.modelFolder) not in ("", ".") else ""
         self.settings = EngineSettings(parameterNode.model.value, folder, parameterNode.device,
                                        parameterNode.preset, parameterNode.registration, parameterNode.cpuBfloat16,
-                                       parameterNode.pointSearch)
+                                       parameterNode.pointSearch, parameterNode.boxRefinement)
 
     def ensureEngineDependencies(self, confirm=None) -> bool:
         """Install what the engine needs on first use (PyTorch through the PyTorch extension, the rest with pip),

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "evaluate": ("LesionLocatorLib.training.evaluate", "validate a model (Dice, CPM@25, MED, time per call)"),
     "fit-point-search": ("LesionLocatorLib.training.point_selector",
                          "fit how a model's point search picks among its candidates"),
+    "fit-box-refinement": ("LesionLocatorLib.training.box_refiner",
+                           "fit the correction of a model's box answers from the image in the box"),
 }
 
 

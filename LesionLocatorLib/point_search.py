@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from .errors import CheckpointError
 from .prompts import BoxPrompt, PointPrompt, Prompt
+from .tanh_layer import TanhLayer
 
 MANIFEST_KEY = "point_search"
 # 8-60 mm in steps of 1.5x: the bundled model's search, and what `lesionlocator train` asks for by default.
@@ -57,47 +58,22 @@ class Candidate:
         return self.score > 0
 
 
-@dataclass(frozen=True)
-class CandidateSelector:
+class CandidateSelector(TanhLayer):
     """Scores candidates from their FEATURES with one hidden tanh layer; the highest score wins. Fitted on
     synthetic lesions of training backgrounds by `lesionlocator fit-point-search` (training/point_selector.py)."""
 
-    feature_mean: np.ndarray   # (features,)
-    feature_scale: np.ndarray  # (features,)
-    hidden_weight: np.ndarray  # (hidden, features)
-    hidden_bias: np.ndarray    # (hidden,)
-    output_weight: np.ndarray  # (hidden,)
-
     def scores(self, features: np.ndarray) -> np.ndarray:
         """(..., candidates, features) -> (..., candidates)"""
-        standard = (np.asarray(features, float) - self.feature_mean) / self.feature_scale
-        return np.tanh(standard @ self.hidden_weight.T + self.hidden_bias) @ self.output_weight
+        return self.outputs(features)
 
     def manifest_entry(self) -> dict:
-        return {"features": list(FEATURES), "feature_mean": self.feature_mean.tolist(),
-                "feature_scale": self.feature_scale.tolist(), "hidden_weight": self.hidden_weight.tolist(),
-                "hidden_bias": self.hidden_bias.tolist(), "output_weight": self.output_weight.tolist()}
+        return super().manifest_entry(FEATURES)
 
     @classmethod
     def from_entry(cls, entry, where: str) -> "CandidateSelector":
-        fix = "Run `lesionlocator fit-point-search` again, or remove 'selector' to choose by contrast alone."
-        if not isinstance(entry, dict) or entry.get("features") != list(FEATURES):
-            raise CheckpointError(f"{where}: the point search's 'selector' was not fitted on this version's features "
-                                  f"{list(FEATURES)}. {fix}")
-        try:
-            arrays = {name: np.asarray(entry[name], float) for name in
-                      ("feature_mean", "feature_scale", "hidden_weight", "hidden_bias", "output_weight")}
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{where}: the point search's 'selector' is incomplete ({error}). {fix}") from None
-        count, hidden = len(FEATURES), arrays["hidden_bias"].shape
-        expected = {"feature_mean": (count,), "feature_scale": (count,), "hidden_weight": hidden + (count,),
-                    "hidden_bias": hidden, "output_weight": hidden}
-        bad = [name for name, shape in expected.items() if arrays[name].shape != shape]
-        if len(hidden) != 1 or bad or not all(np.isfinite(a).all() for a in arrays.values()) \
-                or np.any(arrays["feature_scale"] <= 0):
-            raise CheckpointError(f"{where}: the point search's 'selector' has bad arrays {bad or ''} (shapes must "
-                                  f"match {count} features, scales must be positive). {fix}")
-        return cls(**arrays)
+        return super().from_entry(entry, FEATURES, f"{where}: the point search's 'selector'",
+                                  "Run `lesionlocator fit-point-search` again, or remove 'selector' to choose by "
+                                  "contrast alone.")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from .box_refinement import BoxRefiner
 from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
@@ -95,9 +96,10 @@ class Segmenter:
 
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, mode: str = "roi", step_size: float = 0.5, cpu_bf16: bool = False,
-                 mask_prompt_as: str = "box", point_search: bool = True):
+                 mask_prompt_as: str = "box", point_search: bool = True, box_refinement: bool = True):
         """`point_search`: answer clicks by the point search when the model root's manifest asks for one
-        (see point_search.py); False uses the point network alone."""
+        (see point_search.py); False uses the point network alone. `box_refinement`: refine the box network's
+        answer to boxes when the manifest holds a fitted refinement (see box_refinement.py)."""
         check_preset(preset)
         if mode not in MODES:
             raise LesionLocatorError(f"Unknown mode '{mode}'; use 'roi' (fast) or 'exact' (whole image, as official).")
@@ -117,8 +119,9 @@ class Segmenter:
         self._models: dict[str, SegmentationModel] = {}
         if not self.model_root.is_dir():  # fail early on a wrong folder; weights load lazily per task
             raise CheckpointError(f"Model folder not found: {self.model_root}")
-        self.point_search = (PointSearch.from_manifest(read_model_manifest(self.model_root), str(self.model_root))
-                             if point_search else None)
+        manifest = read_model_manifest(self.model_root)
+        self.point_search = PointSearch.from_manifest(manifest, str(self.model_root)) if point_search else None
+        self.box_refiner = BoxRefiner.from_manifest(manifest, str(self.model_root)) if box_refinement else None
 
     @classmethod
     def from_folder(cls, model_root: str | Path, **options) -> "Segmenter":
@@ -173,7 +176,16 @@ class Segmenter:
         pipeline besides the network."""
         if self.point_search is not None and isinstance(prompt, PointPrompt):
             return self._search_point(image, prompt, cache, cancel_event)
-        return self._predict_one(image, prompt, cache, cancel_event)
+        score, region = self._predict_one(image, prompt, cache, cancel_event)
+        if self.box_refiner is not None and isinstance(prompt, BoxPrompt):
+            check_cancel(cancel_event)
+            return self.box_refiner.refine(image.array, image.spacing_zyx, prompt, score, region)
+        return score, region
+
+    def network_answer(self, image: ImageVolume, prompt: Prompt, cancel_event=None) -> tuple[np.ndarray, Region]:
+        """The prompt's network alone (no point search, no box refinement): foreground-minus-background logits on a
+        region of the original grid (z, y, x); background outside it."""
+        return self._predict_one(image, validate_prompt(prompt, image.shape_zyx), {}, cancel_event)
 
     def _search_point(self, image: ImageVolume, prompt: PointPrompt, cache: dict,
                       cancel_event) -> tuple[np.ndarray, Region]:

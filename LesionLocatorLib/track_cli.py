@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     tracker = Tracker.from_folder(resolve_model_root(args.model), device=args.device, preset=args.preset,
                                   folds=args.folds, use_tta=False if args.disable_tta else None,
                                   registration=args.registration, official_list_prompts=args.official_list_prompts,
-                                  cpu_bf16=args.bf16, point_search=not args.disable_point_search)
+                                  cpu_bf16=args.bf16, point_search=not args.disable_point_search,
+                                  box_refinement=not args.disable_box_refinement)
     result = tracker.track(images, prompts, progress=stderr_progress(not args.disable_progress_bar))
     (output / "prompts").mkdir(exist_ok=True)
     for lesion_id, history in result.lesions.items():

@@ -175,8 +175,10 @@ class Tracker:
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, registration: str | Registration = "auto",
                  segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto",
-                 official_list_prompts: bool = False, cpu_bf16: bool = False, point_search: bool = True):
-        """`point_search` applies to baseline clicks (see Segmenter); a given `segmenter` brings its own setting."""
+                 official_list_prompts: bool = False, cpu_bf16: bool = False, point_search: bool = True,
+                 box_refinement: bool = True):
+        """`point_search` and `box_refinement` apply to baseline clicks and boxes (see Segmenter); a given
+        `segmenter` brings its own settings."""
         check_preset(preset)
         if mode not in TRACKING_MODES:
             raise LesionLocatorError(f"Unknown tracking mode '{mode}'; use one of {TRACKING_MODES}.")
@@ -200,7 +202,7 @@ class Tracker:
                       for weights, reg in zip(self.model.fold_weights.values(), registrations)]
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
                                                 use_tta=use_tta, mode=segmentation_mode, cpu_bf16=cpu_bf16,
-                                                point_search=point_search)
+                                                point_search=point_search, box_refinement=box_refinement)
         self._scans = BoundedCache(MAX_CACHED_SCANS)
         self._deformations = BoundedCache(MAX_CACHED_REGISTRATIONS)
         self.registrations_computed = 0

@@ -75,7 +75,7 @@ def test_parameter_bindings_name_real_parameters_with_a_supported_widget(widgets
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = element.get("class")
     assert set(bound) == {"model", "modelFolder", "device", "preset", "registration", "cpuBfloat16",
-                          "pointSearch"}
+                          "pointSearch", "boxRefinement"}
     for parameter, widgetClass in bound.items():
         assert parameter in types, f"no parameter '{parameter}' in LesionLocatorParameterNode"
         assert widgetClass in CONNECTORS[types[parameter]], f"{widgetClass} cannot show a {types[parameter]}"

@@ -235,8 +235,11 @@ def test_train_command_sets_or_removes_the_point_search(tmp_path, capsys):
     assert cli.run(parser.parse_args(common + ["--tasks", "box", "track", "--point-search", "10", "30"])) == 0
     assert manifest()["point_search"] == {"box_sizes_mm": [10.0, 30.0]}
     assert Segmenter(root, device="cpu").point_search.box_sizes_mm == (10.0, 30.0)
+    capsys.readouterr()
+    (root / MODEL_MANIFEST).write_text(json.dumps({**manifest(), "box_refinement": {"fitted": "for the old network"}}))
     assert cli.run(parser.parse_args(common + ["--tasks", "box", "--no-point-search"])) == 0
     assert "point_search" not in manifest() and manifest()["tasks"]["point"] == "net_point"
+    assert "box_refinement" not in manifest() and "fit-box-refinement" in capsys.readouterr().err
     with pytest.raises(LesionLocatorError, match="positive"):
         cli.run(parser.parse_args(common + ["--point-search", "0", "10"]))
 

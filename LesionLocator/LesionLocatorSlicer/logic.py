@@ -61,6 +61,7 @@ class EngineSettings:
     registration: str = "auto"
     cpuBfloat16: bool = False  # bfloat16 network passes on the CPU: about 2x faster on CPUs with native bfloat16
     pointSearch: bool = True  # clicks: the model's point search when its manifest asks for one (the Lite model does)
+    boxRefinement: bool = True  # boxes: the model's box refinement when its manifest holds one (the Lite model does)
 
     def modelNameOrFolder(self) -> str:
         from LesionLocatorLib.models import registry
@@ -143,18 +144,22 @@ class EngineCache:
         self._tracker: tuple[tuple, Any] | None = None
 
     def segmenter(self, modelRoot: Path, settings: EngineSettings):
-        key = (str(modelRoot), settings.device, settings.preset, settings.cpuBfloat16, settings.pointSearch)
+        key = (str(modelRoot), settings.device, settings.preset, settings.cpuBfloat16, settings.pointSearch,
+               settings.boxRefinement)
         if self._segmenter is None or self._segmenter[0] != key:
             from LesionLocatorLib.segmentation import Segmenter  # torch: imported once dependencies are installed
 
             self._segmenter = None  # free the previous model before loading the next
             self._segmenter = (key, Segmenter.from_folder(modelRoot, device=settings.device, preset=settings.preset,
                                                           cpu_bf16=settings.cpuBfloat16,
-                                                          point_search=settings.pointSearch))
+                                                          point_search=settings.pointSearch,
+                                                          box_refinement=settings.boxRefinement))
         return self._segmenter[1]
 
     def tracker(self, modelRoot: Path, settings: EngineSettings):
-        key = (str(modelRoot), settings.device, settings.preset, settings.registration, settings.cpuBfloat16)
+        # the tracker segments baselines with the shared segmenter: rebuilt with it
+        key = (str(modelRoot), settings.device, settings.preset, settings.registration, settings.cpuBfloat16,
+               settings.pointSearch, settings.boxRefinement)
         if self._tracker is None or self._tracker[0] != key:
             from LesionLocatorLib.tracking import Tracker
 

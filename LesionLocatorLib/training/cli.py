@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import LesionLocatorError
 from ..point_search import DEFAULT_BOX_SIZES_MM
-from .plans import NET_FOLDER, TASKS, LiteModelConfig, set_point_search
+from .plans import NET_FOLDER, TASKS, LiteModelConfig, drop_box_refinement, set_point_search
 from .own_data import fill_own_cache
 from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
 from .trainer import TrainingOptions, export_model, train
@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
     net_folder = args.net_folder or (NET_FOLDER if set(tasks) == set(TASKS) else "net_" + "_".join(tasks))
     export_model(network, config, args.output, state, tasks, net_folder)
     print(f"model written to {args.output} ({state.step} steps, {state.seconds / 60:.1f} min of training)")
+    if "box" in tasks and drop_box_refinement(args.output):
+        print(f"the box refinement fitted for the earlier box network was removed; `lesionlocator fit-box-refinement "
+              f"-m {args.output}` fits one for this network", file=sys.stderr)
     searching = set_point_search(args.output, None if args.no_point_search else args.point_search)
     if not searching and not args.no_point_search:
         print("no point search yet: it needs a box network in this model root (train --tasks box)", file=sys.stderr)

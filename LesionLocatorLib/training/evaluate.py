@@ -57,6 +57,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="imagesTs/labelsTs (held out, default) or imagesTr/labelsTr")
     parser.add_argument("--disable-point-search", action="store_true",
                         help="score points with the point network alone, even where the model asks for a point search")
+    parser.add_argument("--disable-box-refinement", action="store_true",
+                        help="score boxes with the box network alone, even where the model holds a box refinement")
     parser.add_argument("-device", "--device", default="cpu")
     parser.add_argument("-o", "--output", default=None, help="write all numbers as JSON here")
 
@@ -152,15 +154,16 @@ def equivalent_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
     return (6.0 * volume / np.pi) ** (1.0 / 3.0)
 
 
-def evaluate_own_data(model_root, dataset: Path, split: str, device: str,
-                      point_search: bool = True) -> list[LesionScore]:
+def evaluate_own_data(model_root, dataset: Path, split: str, device: str, point_search: bool = True,
+                      box_refinement: bool = True) -> list[LesionScore]:
     """Dice per lesion of a labelled dataset, from a point at the lesion's deepest voxel and from its bounding box."""
     from ..prompts import BoxPrompt
     from ..segmentation import Segmenter
     from ..synthetic.prompts import bounding_box
     from .own_data import dataset_cases, read_case
 
-    segmenter = Segmenter(model_root, device=device, preset="fast", point_search=point_search)
+    segmenter = Segmenter(model_root, device=device, preset="fast", point_search=point_search,
+                          box_refinement=box_refinement)
     scores = []
     for case, image_path, label_path in dataset_cases(dataset, split):
         image, masks = read_case(image_path, label_path)
@@ -181,6 +184,7 @@ def evaluate_own_data(model_root, dataset: Path, split: str, device: str,
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read_model_manifest
+    from ..box_refinement import BoxRefiner
     from ..point_search import PointSearch
     from ..segment_cli import resolve_model_root
     from ..synthetic.backgrounds import default_data_root
@@ -188,15 +192,19 @@ def run(args: argparse.Namespace) -> int:
 
     root = resolve_model_root(args.model)
     point_search = not args.disable_point_search
-    search = PointSearch.from_manifest(read_model_manifest(root), str(root)) if point_search else None
+    box_refinement = not args.disable_box_refinement
+    manifest = read_model_manifest(root)
+    search = PointSearch.from_manifest(manifest, str(root)) if point_search else None
     results: dict = {"model": str(root), "seed": args.seed,
                      "point_search_box_sizes_mm": list(search.box_sizes_mm) if search else None,
-                     "point_search_selector": bool(search and search.selector)}
+                     "point_search_selector": bool(search and search.selector),
+                     "box_refinement": box_refinement and BoxRefiner.from_manifest(manifest, str(root)) is not None}
     needs_cases = {"segmentation", "tracking"} - set(args.skip)
     cases = make_validation_set(args.seed, args.backgrounds or VALIDATION_BACKGROUNDS, args.cases_per_background,
                                 args.lesions_per_case, with_follow_up="tracking" not in args.skip) if needs_cases else []
     if "segmentation" not in args.skip:
-        scores = evaluate_segmentation(root, cases, device=args.device, point_search=point_search)
+        scores = evaluate_segmentation(root, cases, device=args.device, point_search=point_search,
+                                       box_refinement=box_refinement)
         results["segmentation"] = {"summary": summarize(scores), "lesions": scores_as_dicts(scores)}
         print("segmentation:", json.dumps(results["segmentation"]["summary"], indent=1))
     if "tracking" not in args.skip:
@@ -209,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"open_ms (real MR, point in each study-2 lesion): {len(rows)} lesions, mean Dice {results['open_ms']['mean_dice']}"
               if rows else "open_ms: data not found, skipped", file=sys.stdout)
     if args.own_data is not None:
-        own_scores = evaluate_own_data(root, args.own_data, args.own_data_split, args.device, point_search)
+        own_scores = evaluate_own_data(root, args.own_data, args.own_data_split, args.device, point_search,
+                                       box_refinement)
         results["own_data"] = {"dataset": str(args.own_data), "split": args.own_data_split,
                                "summary": summarize(own_scores), "lesions": scores_as_dicts(own_scores)}
         print("own data:", json.dumps(results["own_data"]["summary"], indent=1))

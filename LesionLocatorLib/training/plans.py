@@ -17,6 +17,7 @@ import torch
 from ..checkpoint import (
     MODEL_MANIFEST, ModelFolder, build_network_from_architecture, resolve_configuration, save_checkpoint,
 )
+from ..box_refinement import MANIFEST_KEY as REFINEMENT_KEY
 from ..point_search import MANIFEST_KEY, PointSearch
 
 CONFIGURATION = "3d_fullres"
@@ -172,6 +173,17 @@ def set_point_search(root: str | Path, box_sizes_mm: Sequence[float] | None) -> 
         PointSearch.from_manifest(manifest, str(manifest_path))  # the same checks as loading
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return MANIFEST_KEY in manifest
+
+
+def drop_box_refinement(root: str | Path) -> bool:
+    """Remove the root's box refinement: it was fitted on the earlier box network's logits. Returns whether there
+    was one (`lesionlocator fit-box-refinement` fits one for the new network)."""
+    manifest_path = Path(root) / MODEL_MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.pop(REFINEMENT_KEY, None) is None:
+        return False
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return True
 
 
 def config_from_plans(plans: dict) -> LiteModelConfig:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -26,13 +25,10 @@ from ..errors import LesionLocatorError
 from ..image import ImageVolume
 from ..point_search import FEATURES, MANIFEST_KEY, Candidate, CandidateSelector, candidate_features
 from ..prompts import PointPrompt
+from ..tanh_layer import fit_tanh_layer
+from .manifest_fitting import add_data_arguments, own_lesions, progress_printer, synthetic_cases, write_manifest
 
 MIN_CLICKS = 10  # fewer cannot say which candidate to keep
-# Training backgrounds with phantom seeds of their own (the validation phantoms are 90001-90003).
-SELECTOR_BACKGROUNDS = ("abdomen_ct", "cranium_ct", "body_phantom:6101", "body_phantom:6102", "body_phantom:6103",
-                        "head_phantom:6104", "head_phantom:6105")
-DEFAULT_SEED = 777
-PREVIOUS_MANIFEST = "lesionlocator_model.previous.json"
 
 
 def candidate_dice(candidate: Candidate, truth_zyx: np.ndarray, truth_voxels: int) -> float:
@@ -55,15 +51,12 @@ def own_data_clicks(dataset: Path, clicks_per_lesion: int, seed: int) -> Iterato
     """(image, true mask, click) for each lesion of an annotated nnU-Net raw dataset's training split, clicked
     `clicks_per_lesion` times anywhere in its core (as the synthetic prompts are)."""
     from ..synthetic.prompts import sample_point_prompt
-    from .own_data import dataset_cases, read_case
 
     rng = np.random.default_rng(seed)
-    for _, image_path, label_path in dataset_cases(dataset, "Tr"):
-        image, masks = read_case(image_path, label_path)
-        for mask in masks:
-            for _ in range(clicks_per_lesion):
-                click = sample_point_prompt(mask, rng, image.spacing_zyx)
-                yield image, mask, PointPrompt(tuple(float(v) for v in click))
+    for image, mask in own_lesions(dataset):
+        for _ in range(clicks_per_lesion):
+            click = sample_point_prompt(mask, rng, image.spacing_zyx)
+            yield image, mask, PointPrompt(tuple(float(v) for v in click))
 
 
 def collect(segmenter, clicks: Iterable[tuple[ImageVolume, np.ndarray, PointPrompt]],
@@ -87,28 +80,12 @@ def fit_selector(features: np.ndarray, dice: np.ndarray, hidden: int = 8, seeds:
     """Maximize the softmax(score / temperature)-weighted Dice per lesion; `seeds` networks averaged into one."""
     import torch
 
-    flat = features.reshape(-1, features.shape[-1])
-    mean, scale = flat.mean(axis=0), flat.std(axis=0)
-    scale = np.where(scale > 1e-6, scale, 1.0)  # a constant feature stays 0 after standardizing
-    inputs = torch.tensor((features - mean) / scale, dtype=torch.float32)
     targets = torch.tensor(dice, dtype=torch.float32)
-    parts = []
-    for seed in range(seeds):
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], hidden), torch.nn.Tanh(),
-                                  torch.nn.Linear(hidden, 1))
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in range(steps):
-            weights = torch.softmax(net(inputs).squeeze(-1) / temperature, dim=-1)
-            loss = -(weights * targets).sum(dim=-1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        parts.append([p.detach().double().numpy() for p in net.parameters()])
-    # the mean of the seeds' outputs is one network with their hidden units side by side (the output bias is
-    # the same for every candidate and cannot change the choice)
-    return CandidateSelector(mean, scale, np.concatenate([p[0] for p in parts]),
-                             np.concatenate([p[1] for p in parts]), np.concatenate([p[2][0] for p in parts]) / seeds)
+
+    def loss(scores):
+        return -(torch.softmax(scores / temperature, dim=-1) * targets).sum(dim=-1).mean()
+
+    return fit_tanh_layer(features, loss, hidden, seeds, steps, lr, weight_decay, CandidateSelector)
 
 
 def chosen_dice(scores: np.ndarray, dice: np.ndarray) -> np.ndarray:
@@ -133,17 +110,7 @@ def cross_validated_dice(features: np.ndarray, dice: np.ndarray, folds: int = 5,
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", required=True,
-                        help="model root or name whose manifest asks for a point search (the bundled one: "
-                             "lesionlocator-lite); its manifest gets the selector")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic fitting set")
-    parser.add_argument("--backgrounds", nargs="+", default=list(SELECTOR_BACKGROUNDS),
-                        help="training backgrounds (never the validation ones)")
-    parser.add_argument("--cases-per-background", type=int, default=16, help="0: no synthetic lesions")
-    parser.add_argument("--lesions-per-case", type=int, default=3)
-    parser.add_argument("--own-data", type=Path, metavar="DATASET",
-                        help="also fit on your annotated CTs (nnU-Net raw dataset, imagesTr/labelsTr; see "
-                             "`lesionlocator train --own-data`)")
+    add_data_arguments(parser, "selector (it must ask for a point search)")
     parser.add_argument("--clicks-per-lesion", type=int, default=3,
                         help="clicks anywhere in each of your lesions' cores (--own-data)")
     parser.add_argument("--hidden", type=int, default=8, help="hidden units per seed")
@@ -151,42 +118,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--features", type=Path, help="features .npz saved by an earlier run: skip the segmentation")
     parser.add_argument("--save-features", type=Path, help="save the features and Dice here (.npz)")
-    parser.add_argument("--dry-run", action="store_true", help="report, but leave the manifest as it is")
-    parser.add_argument("-device", "--device", default="cpu")
-
-
-def check_backgrounds(backgrounds: Sequence[str]) -> None:
-    from ..synthetic.cases import VALIDATION_BACKGROUNDS
-
-    held_out = sorted(set(backgrounds) & set(VALIDATION_BACKGROUNDS))
-    if held_out:
-        raise LesionLocatorError(f"{held_out} are validation backgrounds; fitting on them would leak into "
-                                 f"`lesionlocator evaluate`. Use training backgrounds (default: {SELECTOR_BACKGROUNDS}).")
 
 
 def collect_for(segmenter, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """The candidates of the synthetic lesions and of the --own-data lesions the command line asks for."""
-    from ..synthetic.cases import make_validation_set
-
-    clicks: Iterable = ()
-    if args.cases_per_background > 0:
-        check_backgrounds(args.backgrounds)
-        clicks = synthetic_clicks(make_validation_set(args.seed, args.backgrounds, args.cases_per_background,
-                                                      args.lesions_per_case))
+    clicks: Iterable = synthetic_clicks(synthetic_cases(args))
     if args.own_data is not None:
         if args.clicks_per_lesion < 1:
             raise LesionLocatorError("--clicks-per-lesion must be at least 1.")
         clicks = chain(clicks, own_data_clicks(args.own_data, args.clicks_per_lesion, args.seed))
-    started = time.perf_counter()
-    features, dice = collect(segmenter, clicks, lambda done: print(
-        f"\rcandidates: {done} clicks ({time.perf_counter() - started:.0f} s)", end="", file=sys.stderr))
+    features, dice = collect(segmenter, clicks, progress_printer("candidates of clicks"))
     print(file=sys.stderr)
     return features, dice
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read_model_manifest
-    from ..models.layout import MODEL_MANIFEST
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
 
@@ -220,15 +167,10 @@ def run(args: argparse.Namespace) -> int:
     selector = fit_selector(features, dice, **options)
     if args.dry_run:
         return 0
-    manifest_path = root / MODEL_MANIFEST
     manifest = read_model_manifest(root)
-    kept = ""
-    if "selector" in manifest[MANIFEST_KEY]:  # keep the selector it replaces
-        previous = manifest_path.with_name(PREVIOUS_MANIFEST)
-        previous.write_text(manifest_path.read_text())
-        kept = f"; the manifest with the earlier selector is kept as {previous}"
+    replaces = "selector" in manifest[MANIFEST_KEY]
     manifest[MANIFEST_KEY]["selector"] = selector.manifest_entry()
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    done = write_manifest(root, manifest, replaces)
     Segmenter(root, device="cpu")  # the written entry loads
-    print(f"wrote the selector into {manifest_path}{kept}", file=sys.stderr)
+    print(f"{done} with the point search's selector", file=sys.stderr)
     return 0

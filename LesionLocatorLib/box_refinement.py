@@ -1,0 +1,143 @@
+"""Box refinement: a fitted per-voxel correction of the box network's answer from what the image shows in the box.
+
+A small box network leans on the box's extent: given a box larger than the lesion (a spiculated lesion's spikes, a
+loose box) it fills much of it, and its edges are a voxel or so off. The image inside the box usually says more:
+voxels that look like the network's confident lesion voxels rather than like the surroundings outside the box.
+So each voxel in and just around the box gets FEATURES: the network's logit; an intensity likelihood ratio (lesion
+vs. surroundings, histograms weighted by the network's probabilities, at two smoothings, and once more after a first
+correction, as in GrabCut); where it lies in the box; its signed distance to the network's mask; the local gradient;
+and the box's size. A TanhLayer (fitted by `lesionlocator fit-box-refinement` on synthetic lesions of training
+backgrounds) adds a correction to the logit.
+
+A model root asks for it in its manifest: `"box_refinement": {"features": [...], ...}`. Indices are (z, y, x) voxels
+of the original image; spacings in mm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .point_search import OUTSIDE_LOGIT, SMOOTHING_MM, _slices, _take, sigmoid
+from .prompts import BoxPrompt
+from .tanh_layer import TanhLayer
+
+MANIFEST_KEY = "box_refinement"
+FEATURES = ("logit", "likelihood_ratio_1mm", "likelihood_ratio_2mm", "likelihood_ratio_refit",
+            "box_radius_ellipsoid", "box_radius_chebyshev", "signed_distance_mm", "gradient", "log_box_size_mm")
+# Surroundings around the box that the intensity histograms and the smoothing see.
+CONTEXT_MM = 12.0
+# How far beyond the box the refinement may change voxels, in face-connected steps (the network rarely segments
+# further out).
+REACH_VOXELS = 2
+LOGIT_LIMIT = 15.0  # the network's logits are clipped here, so that saturated voxels all look alike
+RATIO_LIMIT = 6.0  # log likelihood ratios are clipped here: empty histogram bins say little
+HISTOGRAM_BINS = 48
+FIRST_CORRECTION_WEIGHT = 2.0  # the likelihood ratio's weight in the first correction (before the refit)
+
+
+@dataclass
+class BoxRefiner:
+    layer: TanhLayer
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, where: str = "the model manifest") -> "BoxRefiner | None":
+        entry = manifest.get(MANIFEST_KEY)
+        if entry is None:
+            return None
+        return cls(TanhLayer.from_entry(
+            entry, FEATURES, f"{where}: '{MANIFEST_KEY}'",
+            "Run `lesionlocator fit-box-refinement` again, or remove the entry to use the box network alone."))
+
+    def manifest_entry(self) -> dict:
+        return self.layer.manifest_entry(FEATURES)
+
+    def refine(self, image_zyx: np.ndarray, spacing_zyx, box: BoxPrompt, score: np.ndarray,
+               region: tuple[slice, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
+        """The refined logits (foreground minus background) on a region that covers `region` and the box's
+        surroundings; background outside it."""
+        crop = box_crop(box, spacing_zyx, image_zyx.shape)
+        lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
+        offset = np.asarray([r.start or 0 for r in region], int)
+        logits = _take(score.astype(np.float32), offset, lo, hi, np.float32(OUTSIDE_LOGIT))
+        box_lo, box_hi = box_voxels(box)
+        features, reach = refinement_features(image_zyx[crop], logits, box_lo - lo, box_hi - lo, spacing_zyx)
+        refined = logits.copy()
+        refined[reach] = self.correct(features[reach])
+        union_lo = np.minimum(lo, offset)
+        union_hi = np.maximum(hi, offset + np.asarray(score.shape))
+        out = np.full(tuple(union_hi - union_lo), OUTSIDE_LOGIT, np.float32)
+        out[_slices(offset - union_lo, offset - union_lo + score.shape)] = score
+        out[_slices(lo - union_lo, hi - union_lo)] = refined
+        return out, _slices(union_lo, union_hi)
+
+    def correct(self, features: np.ndarray) -> np.ndarray:
+        """Refined logits from (voxels, FEATURES): the network's (clipped) logit plus the fitted correction."""
+        return (features[:, 0] + self.layer.outputs(features)).astype(np.float32)
+
+
+def box_voxels(box: BoxPrompt) -> tuple[np.ndarray, np.ndarray]:
+    """The half-open voxel box (z, y, x) that covers a box prompt."""
+    return np.floor(np.asarray(box.lo_zyx)).astype(int), np.ceil(np.asarray(box.hi_zyx)).astype(int)
+
+
+def box_crop(box: BoxPrompt, spacing_zyx, shape_zyx) -> tuple[slice, ...]:
+    """The box plus CONTEXT_MM on every side, within the image."""
+    lo, hi = box_voxels(box)
+    context = np.ceil(CONTEXT_MM / np.asarray(spacing_zyx, float)).astype(int)
+    return _slices(np.maximum(lo - context, 0), np.minimum(hi + context, shape_zyx))
+
+
+def refinement_features(image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zyx, box_hi_zyx, spacing_zyx
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(z, y, x, FEATURES) on a crop of the image around a box, and where the refinement may change the answer (the
+    box and REACH_VOXELS face-connected steps around it). `box_lo_zyx`/`box_hi_zyx`: the half-open box in the crop's voxels."""
+    spacing = np.asarray(spacing_zyx, float)
+    image = image_zyx.astype(np.float32)
+    smoothed = ndimage.gaussian_filter(image, SMOOTHING_MM / spacing)
+    in_box = np.zeros(image.shape, bool)
+    in_box[_slices(np.maximum(box_lo_zyx, 0), box_hi_zyx)] = True
+    logits = np.clip(logits_zyx, -LOGIT_LIMIT, LOGIT_LIMIT).astype(np.float32)
+    bins = _intensity_bins(smoothed)
+    ratio = _likelihood_ratio(bins, sigmoid(logits), in_box)
+    first, second = (ndimage.gaussian_filter(ratio, mm / spacing) for mm in (1.0, 2.0))
+    corrected = sigmoid(logits + FIRST_CORRECTION_WEIGHT * first)
+    refit = ndimage.gaussian_filter(_likelihood_ratio(bins, corrected, in_box), 1.0 / spacing)
+    centre = (np.asarray(box_lo_zyx) + np.asarray(box_hi_zyx) - 1) / 2
+    half = np.maximum((np.asarray(box_hi_zyx) - np.asarray(box_lo_zyx)) / 2, 0.5)
+    relative = [((np.arange(n) - c) / h).astype(np.float32) for n, c, h in zip(image.shape, centre, half)]
+    grids = np.ix_(*relative)
+    ellipsoid = np.sqrt(grids[0] ** 2 + grids[1] ** 2 + grids[2] ** 2)
+    chebyshev = np.maximum(np.maximum(np.abs(grids[0]), np.abs(grids[1])), np.abs(grids[2]))
+    mask = logits > 0
+    signed_distance = (ndimage.distance_transform_edt(mask, sampling=spacing)
+                       - ndimage.distance_transform_edt(~mask, sampling=spacing))
+    spread = float(smoothed[in_box].std()) + 1e-3
+    gradient = ndimage.gaussian_gradient_magnitude(image, 1.0 / spacing) / spread
+    box_size = np.log(np.prod(np.maximum(np.asarray(box_hi_zyx) - np.asarray(box_lo_zyx), 1) * spacing) ** (1 / 3))
+    features = np.stack([
+        logits, first, second, refit, np.minimum(ellipsoid, 3), np.minimum(chebyshev, 3),
+        np.clip(signed_distance, -9, 9), np.minimum(gradient, 5), np.full(image.shape, box_size)], axis=-1)
+    reach = ndimage.binary_dilation(in_box, iterations=REACH_VOXELS)
+    return features.astype(np.float32), reach
+
+
+def _intensity_bins(smoothed: np.ndarray) -> np.ndarray:
+    """Each voxel's histogram bin: HISTOGRAM_BINS equal bins between the crop's 0.5th and 99.5th percentiles (values
+    beyond fall into the outer bins)."""
+    low, high = np.percentile(smoothed, [0.5, 99.5])
+    edges = np.linspace(low, high + 1e-3, HISTOGRAM_BINS + 1)
+    return np.clip(np.digitize(smoothed, edges) - 1, 0, HISTOGRAM_BINS - 1)
+
+
+def _likelihood_ratio(bins: np.ndarray, probability: np.ndarray, in_box: np.ndarray) -> np.ndarray:
+    """log p(intensity | lesion) - log p(intensity | surroundings), clipped to +-RATIO_LIMIT: lesion voxels are the
+    box's, weighted by the foreground probability; surroundings every voxel of the crop, weighted by the background
+    probability. Histograms are smoothed and never empty."""
+    flat = bins.ravel()
+    lesion = np.bincount(flat, (probability * in_box).ravel(), HISTOGRAM_BINS) + 1.0
+    around = np.bincount(flat, (1 - probability).ravel(), HISTOGRAM_BINS) + 1.0
+    lesion = ndimage.gaussian_filter1d(lesion / lesion.sum(), 1.5)
+    around = ndimage.gaussian_filter1d(around / around.sum(), 1.5)
+    return np.clip(np.log(lesion[bins]) - np.log(around[bins]), -RATIO_LIMIT, RATIO_LIMIT).astype(np.float32)

@@ -1,0 +1,181 @@
+"""`lesionlocator fit-box-refinement`: fit the box refinement (box_refinement.py) on synthetic lesions (and yours).
+
+Every lesion of a synthetic set made on training backgrounds (never the validation ones), and optionally every
+lesion of your annotated CTs, gets a box jittered as in `lesionlocator evaluate` (each face up to 2 voxels) and the
+model's box network answers it. The refinement's features are computed on the box's surroundings, and a TanhLayer
+learns a correction of the network's logit (cross-entropy against the exact mask, every lesion weighted alike, on a
+sample of its voxels). A 5-fold cross-validation over lesions reports the Dice it would reach.
+
+    lesionlocator fit-box-refinement -m MODEL_ROOT              # fit and write it into the manifest
+    lesionlocator fit-box-refinement -m MODEL_ROOT --dry-run    # only report what it would gain
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..box_refinement import FEATURES, MANIFEST_KEY, BoxRefiner, box_crop, box_voxels, refinement_features
+from ..errors import LesionLocatorError
+from ..image import ImageVolume
+from ..point_search import OUTSIDE_LOGIT, _take
+from ..prompts import BoxPrompt
+from ..tanh_layer import fit_tanh_layer
+from .manifest_fitting import add_data_arguments, own_lesions, progress_printer, synthetic_cases, write_manifest
+
+MIN_LESIONS = 10  # fewer cannot stand for the lesions a model meets
+BOX_JITTER_VOXELS = 2  # as `lesionlocator evaluate`'s boxes
+
+
+@dataclass
+class RefinementExample:
+    """One boxed lesion: the features where the refinement may change the answer (`reach` of the box's crop), the
+    network's logits and the exact mask on the crop, and voxel counts outside the crop (predicted, true, both)."""
+
+    reach: np.ndarray           # bool (z, y, x) on the crop
+    features: np.ndarray        # float32 (reach voxels, FEATURES)
+    logits: np.ndarray          # float32 (z, y, x) on the crop
+    truth: np.ndarray           # bool (z, y, x) on the crop
+    outside: tuple[int, int, int]
+
+    def dice(self, refiner: BoxRefiner | None) -> float:
+        """The Dice of the network's answer, refined by `refiner` unless it is None."""
+        mask = self.logits > 0
+        if refiner is not None:
+            mask[self.reach] = refiner.correct(self.features) > 0
+        predicted, true, both = self.outside
+        total = int(mask.sum()) + predicted + int(self.truth.sum()) + true
+        return 1.0 if total == 0 else 2.0 * (int((mask & self.truth).sum()) + both) / total
+
+
+def make_example(segmenter, image: ImageVolume, truth_zyx: np.ndarray, box: BoxPrompt) -> RefinementExample:
+    """The box network's answer to `box` and the refinement's features, as `BoxRefiner.refine` computes them."""
+    score, region = segmenter.network_answer(image, box)
+    crop = box_crop(box, image.spacing_zyx, image.shape_zyx)
+    lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
+    logits = _take(score.astype(np.float32), np.asarray([r.start or 0 for r in region]), lo, hi,
+                   np.float32(OUTSIDE_LOGIT))
+    box_lo, box_hi = box_voxels(box)
+    features, reach = refinement_features(image.array[crop], logits, box_lo - lo, box_hi - lo, image.spacing_zyx)
+    predicted = np.zeros(image.shape_zyx, bool)
+    predicted[region] = score > 0
+    truth = np.asarray(truth_zyx, bool)
+    predicted[crop], truth_outside = False, truth.copy()
+    truth_outside[crop] = False
+    outside = (int(predicted.sum()), int(truth_outside.sum()), int((predicted & truth_outside).sum()))
+    return RefinementExample(reach, features[reach], logits, truth[crop].copy(), outside)
+
+
+def synthetic_boxes(cases) -> Iterator[tuple[ImageVolume, np.ndarray, BoxPrompt]]:
+    """(image, true mask, jittered box) for each lesion of validation-style synthetic cases."""
+    for validation_case in cases:
+        case = validation_case.case
+        for lesion in case.lesions:
+            lo, hi = validation_case.boxes_zyx[lesion.lesion_id]
+            yield case.image, case.lesion_mask(lesion.lesion_id), BoxPrompt(tuple(map(float, lo)),
+                                                                             tuple(map(float, hi)))
+
+
+def own_data_boxes(dataset: Path, seed: int) -> Iterator[tuple[ImageVolume, np.ndarray, BoxPrompt]]:
+    """(image, true mask, jittered box) for each lesion of an annotated nnU-Net raw dataset's training split."""
+    from ..synthetic.prompts import jittered_box
+
+    rng = np.random.default_rng(seed)
+    for image, mask in own_lesions(dataset):
+        lo, hi = jittered_box(mask, rng, BOX_JITTER_VOXELS)
+        yield image, mask, BoxPrompt(tuple(map(float, lo)), tuple(map(float, hi)))
+
+
+def collect(segmenter, boxes: Iterable[tuple[ImageVolume, np.ndarray, BoxPrompt]],
+            progress: Callable[[int], None] | None = None) -> list[RefinementExample]:
+    examples = []
+    for image, truth, box in boxes:
+        examples.append(make_example(segmenter, image, truth, box))
+        if progress is not None:
+            progress(len(examples))
+    return examples
+
+
+def fit_refiner(examples: list[RefinementExample], hidden: int = 16, seeds: int = 1, steps: int = 1000,
+                voxels_per_lesion: int = 2000, lr: float = 0.01, weight_decay: float = 1e-4,
+                seed: int = 0) -> BoxRefiner:
+    """Minimize the cross-entropy of the corrected logits on up to `voxels_per_lesion` voxels of each lesion's
+    reach, each lesion weighted alike."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    rows, labels, weights = [], [], []
+    for example in examples:
+        chosen = rng.choice(len(example.features), min(voxels_per_lesion, len(example.features)), replace=False)
+        rows.append(example.features[chosen])
+        labels.append(example.truth[example.reach][chosen])
+        weights.append(np.full(len(chosen), 1.0 / len(chosen)))
+    features = np.concatenate(rows)
+    network_logits, targets, weight = (torch.tensor(np.asarray(v, np.float32)) for v in (
+        features[:, FEATURES.index("logit")], np.concatenate(labels), np.concatenate(weights)))
+    weight = weight / weight.sum()
+
+    def loss(corrections):
+        entropy = torch.nn.functional.binary_cross_entropy_with_logits(network_logits + corrections, targets,
+                                                                       reduction="none")
+        return (entropy * weight).sum()
+
+    return BoxRefiner(fit_tanh_layer(features, loss, hidden, seeds, steps, lr, weight_decay))
+
+
+def cross_validated_dice(examples: list[RefinementExample], folds: int = 5, **fit_options) -> np.ndarray:
+    """Each lesion's refined Dice by a refinement fitted without its fold."""
+    order = np.random.default_rng(0).permutation(len(examples))
+    refined = np.zeros(len(examples))
+    for fold in range(folds):
+        held_out = order[fold::folds]
+        refiner = fit_refiner([examples[i] for i in np.setdiff1d(order, held_out)], **fit_options)
+        refined[held_out] = [examples[i].dice(refiner) for i in held_out]
+    return refined
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser, "box refinement")
+    parser.add_argument("--hidden", type=int, default=16, help="hidden units")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--voxels-per-lesion", type=int, default=2000, help="voxels sampled from each lesion's box")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_model_manifest
+    from ..segment_cli import resolve_model_root
+    from ..segmentation import Segmenter
+
+    root = resolve_model_root(args.model)
+    manifest = read_model_manifest(root)
+    if "box" not in manifest.get("tasks", {}):
+        raise LesionLocatorError(f"{root}'s manifest maps no 'box' task to a network; the refinement corrects the "
+                                 "box network's answers.")
+    segmenter = Segmenter(root, device=args.device, preset="fast")
+    boxes: Iterable = synthetic_boxes(synthetic_cases(args))
+    if args.own_data is not None:
+        boxes = chain(boxes, own_data_boxes(args.own_data, args.seed))
+    examples = collect(segmenter, boxes, progress_printer("boxed lesions"))
+    print(file=sys.stderr)
+    if len(examples) < MIN_LESIONS:
+        raise LesionLocatorError(f"only {len(examples)} lesions to fit on; use at least {MIN_LESIONS} (more "
+                                 "--cases-per-background or --backgrounds, or --own-data).")
+    options = dict(hidden=args.hidden, steps=args.steps, voxels_per_lesion=args.voxels_per_lesion)
+    report = {"lesions": len(examples), "box_network": float(np.mean([e.dice(None) for e in examples])),
+              "refined_cross_validated": float(cross_validated_dice(examples, **options).mean())}
+    print("mean Dice of box prompts on the fitting lesions:", json.dumps(report, indent=1))
+    refiner = fit_refiner(examples, **options)
+    if args.dry_run:
+        return 0
+    replaces = MANIFEST_KEY in manifest
+    manifest[MANIFEST_KEY] = refiner.manifest_entry()
+    done = write_manifest(root, manifest, replaces)
+    Segmenter(root, device="cpu")  # the written entry loads
+    print(f"{done} with the box refinement", file=sys.stderr)
+    return 0

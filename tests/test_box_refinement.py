@@ -1,0 +1,214 @@
+"""Box refinement: its features on a box's crop ((z, y, x) voxels, anisotropic spacing), what a refiner changes and
+what it leaves, the manifest entry, the Segmenter refining boxes only, fitting that learns, and the
+`fit-box-refinement` command."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from LesionLocatorLib.box_refinement import FEATURES, BoxRefiner, box_crop, refinement_features
+from LesionLocatorLib.errors import CheckpointError
+from LesionLocatorLib.image import ImageVolume
+from LesionLocatorLib.models.layout import MODEL_MANIFEST
+from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+from LesionLocatorLib.prompts import BoxPrompt, PointPrompt
+from LesionLocatorLib.tanh_layer import TanhLayer
+
+SPACING_ZYX = (2.5, 0.8, 0.8)  # anisotropic: mm and voxels differ per axis
+SHAPE_ZYX = (30, 90, 90)
+
+
+def ball_image(radius_mm: float, centre_zyx=(15.0, 45.0, 45.0), seed: int = 0) -> tuple[ImageVolume, np.ndarray]:
+    """A bright ball (+100) on noise (sd 12), non-identity direction; returns the image and the true mask."""
+    grids = np.indices(SHAPE_ZYX)
+    distance_mm = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre_zyx, SPACING_ZYX)))
+    truth = distance_mm <= radius_mm
+    array = (30 + 100 * truth + np.random.default_rng(seed).normal(0, 12, SHAPE_ZYX)).astype(np.float32)
+    direction = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])
+    return ImageVolume(array, SPACING_ZYX[::-1], (4.0, -2.0, 7.0), direction), truth
+
+
+def loose_box(truth: np.ndarray, margin_mm: float) -> BoxPrompt:
+    """The mask's bounding box grown by `margin_mm` on every side: a box much larger than a round lesion."""
+    found = np.argwhere(truth)
+    margin = np.round(margin_mm / np.asarray(SPACING_ZYX)).astype(int)
+    lo = np.maximum(found.min(axis=0) - margin, 0)
+    hi = np.minimum(found.max(axis=0) + 1 + margin, SHAPE_ZYX)
+    return BoxPrompt(tuple(map(float, lo)), tuple(map(float, hi)))
+
+
+def filled_box_logits(box: BoxPrompt, shape=SHAPE_ZYX) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """A network that fills the box (+4) and says background (-8) in a region around it."""
+    lo, hi = np.asarray(box.lo_zyx, int), np.asarray(box.hi_zyx, int)
+    region = tuple(slice(max(a - 3, 0), min(b + 3, n)) for a, b, n in zip(lo, hi, shape))
+    score = np.full(tuple(s.stop - s.start for s in region), -8.0, np.float32)
+    score[tuple(slice(a - s.start, b - s.start) for a, b, s in zip(lo, hi, region))] = 4.0
+    return score, region
+
+
+def refiner_using(feature: str, weight: float = 1.0, output: float = 12.0, bias: float = 0.0,
+                  threshold: float = 0.0) -> BoxRefiner:
+    """correction = output * tanh(weight * (feature - threshold)) + bias (features unstandardized)."""
+    count = len(FEATURES)
+    hidden = np.zeros((1, count))
+    hidden[0, FEATURES.index(feature)] = weight
+    return BoxRefiner(TanhLayer(np.zeros(count), np.ones(count), hidden, np.array([-weight * threshold]),
+                                np.array([output]), bias))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def in_grid(score: np.ndarray, region) -> np.ndarray:
+    mask = np.zeros(SHAPE_ZYX, bool)
+    mask[region] = score > 0
+    return mask
+
+
+def test_features_on_the_box_crop_in_zyx_voxels():
+    image, truth = ball_image(6.0)
+    box = loose_box(truth, 3.0)
+    crop = box_crop(box, SPACING_ZYX, SHAPE_ZYX)
+    lo = np.asarray([s.start for s in crop])
+    assert tuple(lo) == tuple(np.maximum(np.asarray(box.lo_zyx, int) - np.ceil(12 / np.asarray(SPACING_ZYX)), 0))
+    score, region = filled_box_logits(box)
+    logits = np.full(image.array[crop].shape, -10.0, np.float32)
+    logits[tuple(slice(r.start - a, r.stop - a) for r, a in zip(region, lo))] = score
+    box_lo, box_hi = np.asarray(box.lo_zyx, int) - lo, np.asarray(box.hi_zyx, int) - lo
+    features, reach = refinement_features(image.array[crop], logits, box_lo, box_hi, SPACING_ZYX)
+    assert features.shape == image.array[crop].shape + (len(FEATURES),) and features.dtype == np.float32
+    in_box, grown = np.zeros(reach.shape, bool), np.zeros(reach.shape, bool)
+    in_box[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))] = True
+    grown[tuple(slice(a - 2, b + 2) for a, b in zip(box_lo, box_hi))] = True
+    assert np.all(reach[in_box]) and not np.any(reach & ~grown)  # the box and up to 2 face-connected steps out
+    mid = (box_lo + box_hi) // 2
+    assert reach[mid[0], mid[1], box_hi[2] + 1] and not reach[mid[0], mid[1], box_hi[2] + 2]
+    assert not reach[box_lo[0] - 1, box_lo[1] - 1, box_lo[2] - 1]  # a corner's diagonal neighbour is 3 steps out
+    named = {name: features[..., k] for k, name in enumerate(FEATURES)}
+    ball = truth[crop]
+    for ratio in ("likelihood_ratio_1mm", "likelihood_ratio_2mm", "likelihood_ratio_refit"):
+        inside_box = np.zeros(reach.shape, bool)
+        inside_box[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))] = True
+        assert named[ratio][ball].mean() > named[ratio][inside_box & ~ball].mean() + 2, ratio
+    centre = tuple(((box_lo + box_hi - 1) // 2).astype(int))
+    assert named["box_radius_ellipsoid"][centre] < 0.2
+    face = (centre[0], centre[1], int(box_hi[2]) - 1)  # on the high x face
+    assert named["box_radius_chebyshev"][face] == pytest.approx(1.0, abs=0.1)
+    assert named["signed_distance_mm"][centre] > 0 > named["signed_distance_mm"][0, 0, 0]
+    extent_mm = (np.asarray(box.hi_zyx) - np.asarray(box.lo_zyx)) * SPACING_ZYX
+    assert named["log_box_size_mm"][0, 0, 0] == pytest.approx(np.log(np.prod(extent_mm) ** (1 / 3)), rel=1e-5)
+
+
+def test_a_likelihood_refiner_fixes_an_overfilled_box_and_keeps_the_rest():
+    image, truth = ball_image(6.0)
+    box = loose_box(truth, 4.0)
+    score, region = filled_box_logits(box)
+    assert dice(in_grid(score, region), truth) < 0.6
+    # a box that is mostly background makes the lesion's intensities far likelier inside it than outside (the
+    # likelihood ratio is high on the ball), and background ones about as likely (near 0)
+    by_intensity = refiner_using("likelihood_ratio_refit", threshold=2.5)
+    refined, refined_region = by_intensity.refine(image.array, SPACING_ZYX, box, score, region)
+    assert dice(in_grid(refined, refined_region), truth) > 0.85
+    # the region covers the network's and the box's crop; beyond the crop, the network's logits are kept
+    crop = box_crop(box, SPACING_ZYX, SHAPE_ZYX)
+    for r, c, out in zip(region, crop, refined_region):
+        assert out.start == min(r.start, c.start) and out.stop == max(r.stop, c.stop)
+    unchanged = refiner_using("logit", output=0.0).refine(image.array, SPACING_ZYX, box, score, region)
+    assert np.array_equal(in_grid(*unchanged), in_grid(score, region))
+
+
+def test_entry_round_trips_and_bad_entries_say_how_to_fix_them():
+    refiner = refiner_using("gradient", 0.5, -3.0, bias=1.5)
+    manifest = json.loads(json.dumps({"tasks": {"box": "net"}, "box_refinement": refiner.manifest_entry()}))
+    loaded = BoxRefiner.from_manifest(manifest)
+    assert loaded.layer.output_bias == 1.5 and np.array_equal(loaded.layer.hidden_weight, refiner.layer.hidden_weight)
+    assert BoxRefiner.from_manifest({"tasks": {"box": "net"}}) is None
+    entry = refiner.manifest_entry()
+    for broken, message in (({**entry, "features": ["logit"]}, "not fitted on this version"),
+                            ({k: v for k, v in entry.items() if k != "hidden_weight"}, "incomplete"),
+                            ({**entry, "hidden_bias": [0.0, 1.0]}, "bad arrays"),
+                            ({**entry, "output_bias": float("nan")}, "bad arrays")):
+        with pytest.raises(CheckpointError, match=message) as error:
+            BoxRefiner.from_manifest({"box_refinement": broken}, "model X")
+        assert "fit-box-refinement" in str(error.value) and "model X" in str(error.value)
+
+
+class FillingSegmenter:
+    """Stands for a box network that fills every box it is given."""
+
+    def network_answer(self, image, box):
+        return filled_box_logits(box)
+
+
+def test_fit_refiner_learns_to_undo_box_filling():
+    from LesionLocatorLib.training.box_refiner import fit_refiner, make_example
+
+    rng = np.random.default_rng(1)
+    examples = []
+    for seed in range(14):
+        radius = rng.uniform(4, 8)
+        image, truth = ball_image(radius, (15 + rng.uniform(-3, 3), 45 + rng.uniform(-9, 9), 45), seed)
+        examples.append(make_example(FillingSegmenter(), image, truth, loose_box(truth, rng.uniform(1, 5))))
+    refiner = fit_refiner(examples[:10], hidden=4, steps=300, voxels_per_lesion=800)
+    network = np.mean([e.dice(None) for e in examples[10:]])
+    refined = np.mean([e.dice(refiner) for e in examples[10:]])
+    assert network < 0.7 and refined > network + 0.15
+
+
+@pytest.fixture(scope="module")
+def lite_root(tmp_path_factory) -> Path:
+    if not (BUNDLED_LITE_DIR / MODEL_MANIFEST).is_file():
+        pytest.skip("bundled Lite model missing")
+    root = tmp_path_factory.mktemp("lite") / "model"
+    shutil.copytree(BUNDLED_LITE_DIR, root)
+    return root
+
+
+def test_segmenter_refines_boxes_only_and_can_be_told_not_to(lite_root, tmp_path):
+    from LesionLocatorLib.segmentation import Segmenter
+
+    root = tmp_path / "model"
+    shutil.copytree(lite_root, root)
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    # a refiner that calls everything it reaches background
+    manifest["box_refinement"] = refiner_using("logit", output=0.0, bias=-50.0).manifest_entry()
+    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    image, truth = ball_image(7.0)
+    box = loose_box(truth, 1.0)
+    refining = Segmenter.from_folder(root, device="cpu", point_search=False)
+    plain = Segmenter.from_folder(root, device="cpu", point_search=False, box_refinement=False)
+    assert plain.box_refiner is None and refining.box_refiner is not None
+    assert plain.segment(image, {1: box}).masks[1].sum() > 0.5 * truth.sum()
+    assert refining.segment(image, {1: box}).masks[1].sum() == 0
+    click = PointPrompt((15.0, 45.0, 45.0))
+    assert np.array_equal(refining.segment(image, {1: click}).masks[1], plain.segment(image, {1: click}).masks[1])
+
+
+def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tmp_path):
+    from LesionLocatorLib import cli
+    from LesionLocatorLib.segmentation import Segmenter
+
+    root = tmp_path / "model"
+    shutil.copytree(lite_root, root)
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    manifest.pop("box_refinement", None)
+    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    before = (root / MODEL_MANIFEST).read_text()
+    base = ["fit-box-refinement", "-m", str(root), "--backgrounds", "body_phantom:7", "head_phantom:8",
+            "--cases-per-background", "2", "--steps", "20", "--hidden", "2", "--voxels-per-lesion", "200"]
+    assert cli.main(base + ["--dry-run"]) == 0
+    assert (root / MODEL_MANIFEST).read_text() == before  # a dry run writes nothing
+    assert cli.main(base) == 0
+    assert Segmenter.from_folder(root, device="cpu").box_refiner is not None
+    first = (root / MODEL_MANIFEST).read_text()
+    assert cli.main(base + ["--hidden", "3"]) == 0  # a second fit keeps the manifest it replaces
+    assert (root / "lesionlocator_model.previous.json").read_text() == first
+    assert cli.main(base + ["--backgrounds", "chest_ct_dicom"]) == 2  # a validation background
+    assert cli.main(base + ["--cases-per-background", "1", "--backgrounds", "body_phantom:7"]) == 2  # too few
+    (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "net_point"}}))
+    assert cli.main(base) == 2  # no box network to refine
