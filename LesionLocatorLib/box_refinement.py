@@ -9,7 +9,8 @@ correction, as in GrabCut); where it lies in the box; its signed distance to the
 and the box's size. A TanhLayer (fitted by `lesionlocator fit-box-refinement` on synthetic lesions of training
 backgrounds) adds a correction to the logit.
 
-A model root asks for it in its manifest: `"box_refinement": {"features": [...], ...}`. Indices are (z, y, x) voxels
+The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py). A model root
+asks for it in its manifest: `"box_refinement": {"features": [...], ...}`. Indices are (z, y, x) voxels
 of the original image; spacings in mm.
 """
 from __future__ import annotations

@@ -44,10 +44,15 @@ LINEAR_CONTEXT_VOXELS = 3
 
 def nonzero_bounding_box(array_zyx: np.ndarray) -> Region:
     """Bounding box of the non-zero voxels: nnU-Net's crop_to_nonzero box (its hole filling never changes it)."""
+    whole = tuple(slice(0, n) for n in array_zyx.shape)
+    # a non-zero voxel on each of the six faces spans the whole image (most CTs: air is -1000): no volume scan
+    if all(np.any(array_zyx[whole[:axis] + (end,)] != 0) for axis in range(3) for end in (0, -1)):
+        return whole
+    nonzero_zyx = array_zyx != 0
     box = []
     for axis in range(3):
         other_axes = tuple(a for a in range(3) if a != axis)
-        nonzero = np.flatnonzero(np.any(array_zyx != 0, axis=other_axes))
+        nonzero = np.flatnonzero(np.any(nonzero_zyx, axis=other_axes))
         box.append(slice(int(nonzero[0]), int(nonzero[-1]) + 1) if nonzero.size else slice(0, array_zyx.shape[axis]))
     return tuple(box)
 

@@ -74,14 +74,18 @@ class SegmentationModel:
     def patch_size_zyx(self) -> tuple[int, ...]:
         return self.model.patch_size_zyx
 
-    def fg_minus_bg(self, pre: PreprocessedImage, dense_prompt: np.ndarray, cancel_event=None) -> np.ndarray:
-        """Foreground-minus-background logits over the preprocessed window (background outside the patches).
-        Tiles follow the whole grid's sliding-window steps, so a window predicts what the whole image would."""
-        logits, region = self.predictor.predict(pre.data, dense_prompt, cancel_event,
-                                                grid=(pre.window_start_zyx, pre.grid_shape_zyx))
-        difference = np.full(pre.shape_zyx, OUTSIDE_FG_MINUS_BG, dtype=np.float32)
-        difference[region] = logits[1] - logits[0]
-        return difference
+    def fg_minus_bg(self, pre: PreprocessedImage, dense_prompts: list[np.ndarray],
+                    cancel_event=None) -> list[np.ndarray]:
+        """Foreground-minus-background logits over the preprocessed window (background outside the patches), one
+        array per prompt. Tiles follow the whole grid's sliding-window steps, so a window predicts what the whole
+        image would."""
+        differences = []
+        for logits, region in self.predictor.predict_many(pre.data, dense_prompts, cancel_event,
+                                                          grid=(pre.window_start_zyx, pre.grid_shape_zyx)):
+            difference = np.full(pre.shape_zyx, OUTSIDE_FG_MINUS_BG, dtype=np.float32)
+            difference[region] = logits[1] - logits[0]
+            differences.append(difference)
+        return differences
 
     def to_original(self, difference: np.ndarray, pre: PreprocessedImage, whole_grid: bool) -> tuple[np.ndarray, Region]:
         """Resample the logit difference onto original voxels (linear resampling of the difference equals the
@@ -177,10 +181,7 @@ class Segmenter:
         if self.point_search is not None and isinstance(prompt, PointPrompt):
             return self._search_point(image, prompt, cache, cancel_event)
         score, region = self._predict_one(image, prompt, cache, cancel_event)
-        if self.box_refiner is not None and isinstance(prompt, BoxPrompt):
-            check_cancel(cancel_event)
-            return self.box_refiner.refine(image.array, image.spacing_zyx, prompt, score, region)
-        return score, region
+        return self._refine_box(image, prompt, score, region) if isinstance(prompt, BoxPrompt) else (score, region)
 
     def network_answer(self, image: ImageVolume, prompt: Prompt, cancel_event=None) -> tuple[np.ndarray, Region]:
         """The prompt's network alone (no point search, no box refinement): foreground-minus-background logits on a
@@ -196,8 +197,9 @@ class Segmenter:
 
     def point_candidates(self, image: ImageVolume, prompt: PointPrompt, cache: dict | None = None,
                          cancel_event=None) -> list[Candidate]:
-        """The point network's answer and the box network's on each cube of the point search around the click.
-        Each cube fits one patch of the box network, and in roi mode all cubes share one preprocessed window."""
+        """The point network's answer and the box network's on each cube of the point search around the click
+        (refined as boxes are, when the model has a box refinement and it is on). Each cube fits one patch of the
+        box network, and in roi mode all cubes share one preprocessed window."""
         if self.point_search is None:
             raise LesionLocatorError("This Segmenter has no point search (the model root asks for none, or it was "
                                      "made with point_search=False).")
@@ -211,27 +213,40 @@ class Segmenter:
             windows = [self.roi_for(box, image, box_model) for box in boxes]
             union = tuple(slice(min(w[a].start for w in windows), max(w[a].stop for w in windows)) for a in range(3))
             shared = box_model.preprocessor.preprocess_window(image, union)
-        candidates = []
-        for candidate in [prompt, *boxes]:
+        candidates = [Candidate(prompt, *self._predict_one(image, prompt, cache, cancel_event))]
+        for box, (score, region) in zip(boxes, self._predict_many(image, boxes, cache, cancel_event, shared)):
             check_cancel(cancel_event)
-            pre = shared if isinstance(candidate, BoxPrompt) else None
-            candidates.append(Candidate(candidate, *self._predict_one(image, candidate, cache, cancel_event, pre)))
+            candidates.append(Candidate(box, *self._refine_box(image, box, score, region)))
         return candidates
+
+    def _refine_box(self, image: ImageVolume, box: BoxPrompt, score: np.ndarray,
+                    region: Region) -> tuple[np.ndarray, Region]:
+        if self.box_refiner is None:
+            return score, region
+        return self.box_refiner.refine(image.array, image.spacing_zyx, box, score, region)
 
     def _predict_one(self, image: ImageVolume, prompt: Prompt, cache: dict, cancel_event,
                      pre: PreprocessedImage | None = None) -> tuple[np.ndarray, Region]:
-        task = self.task_for(prompt)
+        return self._predict_many(image, [prompt], cache, cancel_event, pre)[0]
+
+    def _predict_many(self, image: ImageVolume, prompts: list[Prompt], cache: dict, cancel_event,
+                      pre: PreprocessedImage | None = None) -> list[tuple[np.ndarray, Region]]:
+        """The network's logits for prompts of one task, each on a region of the original grid. The prompts share
+        `pre` when it is given, or the whole preprocessed image in exact mode; in roi mode each otherwise gets its
+        own window."""
+        task = self.task_for(prompts[0])
         model = self.model_for(task)
         if pre is None and self.mode == "exact":
             if task not in cache:
                 cache[task] = model.preprocessor.preprocess(image)
             pre = cache[task]
         elif pre is None:
-            pre = model.preprocessor.preprocess_window(image, self.roi_for(prompt, image, model))
+            return [self._predict_many(image, [prompt], cache, cancel_event, model.preprocessor.preprocess_window(
+                image, self.roi_for(prompt, image, model)))[0] for prompt in prompts]
         check_cancel(cancel_event)
-        dense = self.dense_prompt(prompt, pre, model, task)
-        difference = model.fg_minus_bg(pre, dense, cancel_event)
-        return model.to_original(difference, pre, whole_grid=self.mode == "exact")
+        dense = [self.dense_prompt(prompt, pre, model, task) for prompt in prompts]
+        return [model.to_original(difference, pre, whole_grid=self.mode == "exact")
+                for difference in model.fg_minus_bg(pre, dense, cancel_event)]
 
     # --- prompt geometry ---------------------------------------------------------------------------------------
     def roi_for(self, prompt: Prompt, image: ImageVolume, model: SegmentationModel) -> Region:

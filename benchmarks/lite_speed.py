@@ -1,7 +1,8 @@
 """LesionLocator-Lite on the CPU: one lesion in a 512x512x200 CT end to end, and one tracking step.
 
 Goals (2 cores): segmentation under 3 s, a tracking step under 20 s. A click is answered as the model asks (the
-bundled model: a point search, see LesionLocatorLib/point_search.py); the point network alone is timed beside it.
+bundled model: a point search, see LesionLocatorLib/point_search.py); the point network alone is timed beside it. A box
+on the same lesion is answered with the model's box refinement (LesionLocatorLib/box_refinement.py) and without.
 The CT is a synthetic body phantom scaled to 512x512x200 voxels at 0.8x0.8x2.5 mm with a lesion; the follow-up is
 the same scan shifted by a few millimetres with the lesion grown. Times are wall-clock of the API calls, measured in
 this one run.
@@ -18,13 +19,14 @@ from timing import timed
 
 from LesionLocatorLib.image import ImageVolume
 from LesionLocatorLib.models.registry import model_root
-from LesionLocatorLib.prompts import PointPrompt
+from LesionLocatorLib.prompts import BoxPrompt, PointPrompt
 from LesionLocatorLib.segmentation import Segmenter
 from LesionLocatorLib.tracking import Tracker
 
 SHAPE_ZYX = (200, 512, 512)
 SPACING_XYZ = (0.8, 0.8, 2.5)
 LESION_ZYX = (100, 230, 300)
+LESION_RADIUS_MM = 12.0
 
 
 def make_ct(shift_voxels: int, lesion_radius_mm: float, seed: int) -> ImageVolume:
@@ -48,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = model_root(args.model)
-    baseline, follow_up = make_ct(0, 12.0, 0), make_ct(6, 15.0, 1)
+    baseline, follow_up = make_ct(0, LESION_RADIUS_MM, 0), make_ct(6, 15.0, 1)
     segmenter = Segmenter.from_folder(root, device="cpu", preset="fast")
     _, load_time = timed(lambda: [segmenter.model_for(task) for task in ("point", "box")])
     prompt = {1: PointPrompt(LESION_ZYX)}
@@ -66,6 +68,15 @@ def main() -> None:
         plain_result, plain_time = timed(lambda: plain.segment(baseline, prompt))
         print(f"  point network alone: {plain_time:.2f} s ({int(plain_result.masks[1].sum())} voxels); "
               f"the point search takes {second / plain_time:.1f}x as long")
+    half = np.ceil(LESION_RADIUS_MM / np.asarray(SPACING_XYZ[::-1]))  # the lesion's bounding box, (z, y, x) voxels
+    box = {1: BoxPrompt(tuple(LESION_ZYX - half), tuple(LESION_ZYX + half + 1))}
+    for refined in (True, False):
+        boxes = Segmenter.from_folder(root, device="cpu", preset="fast", box_refinement=refined)
+        boxes.segment(baseline, box)  # warm-up
+        box_result, box_time = timed(lambda: boxes.segment(baseline, box))
+        print(f"box on the lesion, {'with the model' if refined else 'box network alone'}: {box_time:.2f} s "
+              f"({int(box_result.masks[1].sum())} voxels)"
+              + ("" if boxes.box_refiner is not None or not refined else "; the model has no box refinement"))
     print(f"tracking step ({tracker.folds[0].registration.name} registration): {track_time:.2f} s "
           f"(found: {step[1].found}, {step[1].volume_ml:.1f} mL; goal < 20 s)")
 

@@ -153,15 +153,15 @@ def measure(mode: str, root: str, shape_zyx, threads: int, bf16: bool, queue) ->
                                       cpu_bf16=bf16)
     model = segmenter.model_for("point")
     network_seconds = []
-    predict_tile = model.predictor._predict_tile
+    predict_tiles = model.predictor._predict_tiles
 
-    def timed_tile(tile):
+    def timed_tiles(tiles):
         start = time.perf_counter()
-        result = predict_tile(tile)
+        result = predict_tiles(tiles)
         network_seconds.append(time.perf_counter() - start)
         return result
 
-    model.predictor._predict_tile = timed_tile
+    model.predictor._predict_tiles = timed_tiles
     before = _memory_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
     point = (shape_zyx[0] / 2, shape_zyx[1] / 2, shape_zyx[2] / 3)

@@ -169,7 +169,7 @@ def lite_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_segmenter_refines_boxes_only_and_can_be_told_not_to(lite_root, tmp_path):
+def test_segmenter_refines_boxes_and_search_cubes_only_and_can_be_told_not_to(lite_root, tmp_path):
     from LesionLocatorLib.segmentation import Segmenter
 
     root = tmp_path / "model"
@@ -187,9 +187,16 @@ def test_segmenter_refines_boxes_only_and_can_be_told_not_to(lite_root, tmp_path
     assert refining.segment(image, {1: box}).masks[1].sum() == 0
     click = PointPrompt((15.0, 45.0, 45.0))
     assert np.array_equal(refining.segment(image, {1: click}).masks[1], plain.segment(image, {1: click}).masks[1])
+    # the point search's cubes are boxes too; the point network's own answer is not
+    searching = Segmenter.from_folder(root, device="cpu")
+    unrefined = Segmenter.from_folder(root, device="cpu", box_refinement=False).point_candidates(image, click)
+    refined = searching.point_candidates(image, click)
+    assert [c.mask.sum() == 0 for c in refined[1:]] == [True] * (len(refined) - 1)
+    assert all(c.mask.any() for c in unrefined[1:])
+    assert np.array_equal(refined[0].score, unrefined[0].score)
 
 
-def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tmp_path):
+def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tmp_path, capsys):
     from LesionLocatorLib import cli
     from LesionLocatorLib.segmentation import Segmenter
 
@@ -203,8 +210,10 @@ def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tm
             "--cases-per-background", "2", "--steps", "20", "--hidden", "2", "--voxels-per-lesion", "200"]
     assert cli.main(base + ["--dry-run"]) == 0
     assert (root / MODEL_MANIFEST).read_text() == before  # a dry run writes nothing
+    capsys.readouterr()
     assert cli.main(base) == 0
     assert Segmenter.from_folder(root, device="cpu").box_refiner is not None
+    assert "fit-point-search" in capsys.readouterr().err  # the bundled selector was fitted on unrefined cubes
     first = (root / MODEL_MANIFEST).read_text()
     assert cli.main(base + ["--hidden", "3"]) == 0  # a second fit keeps the manifest it replaces
     assert (root / "lesionlocator_model.previous.json").read_text() == first

@@ -190,3 +190,24 @@ def test_roi_mode_handles_boxes_at_the_patch_size_like_exact_mode():
     assert sorted(roi_masks) == sorted(boxes)
     for lesion_id in boxes:
         assert np.array_equal(roi_masks[lesion_id], exact_masks[lesion_id]), lesion_id
+
+
+def test_nonzero_bounding_box_matches_a_scan_of_every_voxel():
+    from LesionLocatorLib.preprocessing import nonzero_bounding_box
+
+    def scanned(array):
+        found = np.argwhere(array != 0)
+        if not len(found):
+            return tuple(slice(0, n) for n in array.shape)
+        return tuple(slice(int(a), int(b) + 1) for a, b in zip(found.min(axis=0), found.max(axis=0)))
+
+    rng = np.random.default_rng(0)
+    ct = np.full((7, 9, 11), -1000.0)  # air on every face: the whole image
+    padded = np.zeros((7, 9, 11))
+    padded[1:6, 2:9, 3:10] = rng.normal(size=(5, 7, 7))  # zero padding around a scan
+    one_face = np.zeros((7, 9, 11))
+    one_face[0] = 1  # five faces touched, the last z face not
+    single = np.zeros((7, 9, 11))
+    single[3, 0, 10] = 5
+    for array in (ct, padded, one_face, single, np.zeros((4, 5, 6))):
+        assert nonzero_bounding_box(array) == scanned(array)

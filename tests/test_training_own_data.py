@@ -179,26 +179,33 @@ def test_evaluate_scores_every_own_lesion_with_point_and_box(dataset, tmp_path):
     assert all(0.0 <= row["dice"] <= 1.0 and row["diameter_mm"] >= 12.0 * 0.5 for row in own["lesions"])
 
 
-def test_evaluate_uses_the_model_point_search_unless_disabled(dataset, tmp_path):
+def test_evaluate_uses_the_model_point_search_and_box_refinement_unless_disabled(dataset, tmp_path):
     import json
 
+    from LesionLocatorLib.box_refinement import FEATURES, BoxRefiner
     from LesionLocatorLib.checkpoint import MODEL_MANIFEST
+    from LesionLocatorLib.tanh_layer import TanhLayer
     from LesionLocatorLib.training import evaluate
     from LesionLocatorLib.training.plans import build_lite_network, write_model_root
 
     model = tmp_path / "model"
     write_model_root(model, TINY, build_lite_network(TINY).state_dict(), {"current_epoch": 0})
     manifest = json.loads((model / MODEL_MANIFEST).read_text())
-    (model / MODEL_MANIFEST).write_text(json.dumps({**manifest, "point_search": {"box_sizes_mm": [10, 30]}}))
+    count = len(FEATURES)
+    refiner = BoxRefiner(TanhLayer(np.zeros(count), np.ones(count), np.zeros((1, count)), np.zeros(1), np.zeros(1)))
+    (model / MODEL_MANIFEST).write_text(json.dumps({**manifest, "point_search": {"box_sizes_mm": [10, 30]},
+                                                    "box_refinement": refiner.manifest_entry()}))
     parser = argparse.ArgumentParser()
     evaluate.configure_parser(parser)
     common = ["-m", str(model), "--skip", "segmentation", "tracking", "open_ms", "--own-data", str(dataset[0]),
               "--own-data-split", "Tr"]
-    for extra, sizes in (([], [10.0, 30.0]), (["--disable-point-search"], None)):
+    for extra, sizes, refined in (([], [10.0, 30.0], True),
+                                  (["--disable-point-search", "--disable-box-refinement"], None, False)):
         output = tmp_path / f"eval{len(extra)}.json"
         assert evaluate.run(parser.parse_args(common + extra + ["-o", str(output)])) == 0
         results = json.loads(output.read_text())
         assert results["point_search_box_sizes_mm"] == sizes
+        assert results["box_refinement"] is refined
         assert results["point_search_selector"] is False
         assert results["own_data"]["summary"]["point"]["lesions"] == dataset[1]
 

@@ -178,4 +178,7 @@ def run(args: argparse.Namespace) -> int:
     done = write_manifest(root, manifest, replaces)
     Segmenter(root, device="cpu")  # the written entry loads
     print(f"{done} with the box refinement", file=sys.stderr)
+    if manifest.get("point_search", {}).get("selector") is not None:
+        print(f"the point search refines its cubes too: `lesionlocator fit-point-search -m {args.model}` fits its "
+              "selector again for the refined candidates", file=sys.stderr)
     return 0
