@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .point_search import OUTSIDE_LOGIT, SMOOTHING_MM, _slices, _take, sigmoid
+from .point_search import OUTSIDE_LOGIT, _slices, _take, sigmoid
 from .prompts import BoxPrompt
 from .tanh_layer import TanhLayer
 
@@ -29,6 +29,7 @@ FEATURES = ("logit", "likelihood_ratio_1mm", "likelihood_ratio_2mm", "likelihood
             "box_radius_ellipsoid", "box_radius_chebyshev", "signed_distance_mm", "gradient", "log_box_size_mm")
 # Surroundings around the box that the intensity histograms and the smoothing see.
 CONTEXT_MM = 12.0
+SMOOTHING_MM = 0.7  # of the image, before its intensities are binned (keeps noise out of the histograms)
 # How far beyond the box the refinement may change voxels, in face-connected steps (the network rarely segments
 # further out).
 REACH_VOXELS = 2

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -80,8 +81,7 @@ def write_manifest(root: Path, manifest: dict, replaces: bool) -> str:
     return f"wrote {path}{kept}"
 
 
-def progress_printer(what: str):
-    import time
-
+def progress_printer(what: str) -> Callable[[int], None]:
+    """A progress callback that rewrites one stderr line: `what`, how many are done, seconds since it was made."""
     started = time.perf_counter()
     return lambda done: print(f"\r{what}: {done} ({time.perf_counter() - started:.0f} s)", end="", file=sys.stderr)
