@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .point_search import OUTSIDE_LOGIT, _slices, _take, sigmoid
+from .point_search import OUTSIDE_LOGIT, crop_placed, sigmoid, slices_between
 from .prompts import BoxPrompt
 from .tanh_layer import TanhLayer
 
@@ -62,7 +62,7 @@ class BoxRefiner:
         crop = box_crop(box, spacing_zyx, image_zyx.shape)
         lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
         offset = np.asarray([r.start or 0 for r in region], int)
-        logits = _take(score.astype(np.float32), offset, lo, hi, np.float32(OUTSIDE_LOGIT))
+        logits = crop_placed(score.astype(np.float32), offset, lo, hi, np.float32(OUTSIDE_LOGIT))
         box_lo, box_hi = box_voxels(box)
         features, reach = refinement_features(image_zyx[crop], logits, box_lo - lo, box_hi - lo, spacing_zyx)
         refined = logits.copy()
@@ -70,9 +70,9 @@ class BoxRefiner:
         union_lo = np.minimum(lo, offset)
         union_hi = np.maximum(hi, offset + np.asarray(score.shape))
         out = np.full(tuple(union_hi - union_lo), OUTSIDE_LOGIT, np.float32)
-        out[_slices(offset - union_lo, offset - union_lo + score.shape)] = score
-        out[_slices(lo - union_lo, hi - union_lo)] = refined
-        return out, _slices(union_lo, union_hi)
+        out[slices_between(offset - union_lo, offset - union_lo + score.shape)] = score
+        out[slices_between(lo - union_lo, hi - union_lo)] = refined
+        return out, slices_between(union_lo, union_hi)
 
     def correct(self, features: np.ndarray) -> np.ndarray:
         """Refined logits from (voxels, FEATURES): the network's (clipped) logit plus the fitted correction."""
@@ -88,18 +88,19 @@ def box_crop(box: BoxPrompt, spacing_zyx, shape_zyx) -> tuple[slice, ...]:
     """The box plus CONTEXT_MM on every side, within the image."""
     lo, hi = box_voxels(box)
     context = np.ceil(CONTEXT_MM / np.asarray(spacing_zyx, float)).astype(int)
-    return _slices(np.maximum(lo - context, 0), np.minimum(hi + context, shape_zyx))
+    return slices_between(np.maximum(lo - context, 0), np.minimum(hi + context, shape_zyx))
 
 
 def refinement_features(image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zyx, box_hi_zyx, spacing_zyx
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(z, y, x, FEATURES) on a crop of the image around a box, and where the refinement may change the answer (the
-    box and REACH_VOXELS face-connected steps around it). `box_lo_zyx`/`box_hi_zyx`: the half-open box in the crop's voxels."""
+    box and REACH_VOXELS face-connected steps around it). `box_lo_zyx`/`box_hi_zyx`: the half-open box in the
+    crop's voxels."""
     spacing = np.asarray(spacing_zyx, float)
     image = image_zyx.astype(np.float32)
     smoothed = ndimage.gaussian_filter(image, SMOOTHING_MM / spacing)
     in_box = np.zeros(image.shape, bool)
-    in_box[_slices(np.maximum(box_lo_zyx, 0), box_hi_zyx)] = True
+    in_box[slices_between(np.maximum(box_lo_zyx, 0), box_hi_zyx)] = True
     logits = np.clip(logits_zyx, -LOGIT_LIMIT, LOGIT_LIMIT).astype(np.float32)
     bins = _intensity_bins(smoothed)
     ratio = _likelihood_ratio(bins, sigmoid(logits), in_box)

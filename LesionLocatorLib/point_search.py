@@ -155,7 +155,7 @@ def _mean_probabilities(candidate: Candidate, surroundings) -> tuple[float, floa
     if surroundings is None:
         return 0.0, 0.0
     lo, hi, inside, band = surroundings
-    probability = sigmoid(_take(candidate.score.astype(np.float32), candidate.offset_zyx, lo, hi, OUTSIDE_LOGIT))
+    probability = sigmoid(crop_placed(candidate.score.astype(np.float32), candidate.offset_zyx, lo, hi, OUTSIDE_LOGIT))
     return float(probability[inside].mean()), float(probability[band].mean()) if band.any() else 0.0
 
 
@@ -163,7 +163,7 @@ def _face_fill(mask: np.ndarray, offset_zyx: np.ndarray, cube: BoxPrompt) -> flo
     """The share of the cube's outermost voxel layer that the mask covers: high when the lesion is larger."""
     lo = np.floor(np.asarray(cube.lo_zyx)).astype(int)
     hi = np.ceil(np.asarray(cube.hi_zyx)).astype(int)
-    inside = _take(mask, offset_zyx, lo, hi)
+    inside = crop_placed(mask, offset_zyx, lo, hi)
     face = np.ones(inside.shape, bool)
     face[tuple(slice(1, -1) if n > 2 else slice(0, 0) for n in inside.shape)] = False
     return float(inside[face].mean()) if face.any() else 0.0
@@ -177,17 +177,18 @@ def _dice(mask_a: np.ndarray, offset_a: np.ndarray, mask_b: np.ndarray, offset_b
     lo, hi = np.maximum(offset_a, offset_b), np.minimum(offset_a + mask_a.shape, offset_b + mask_b.shape)
     if np.any(hi <= lo):
         return 0.0
-    both = _take(mask_a, offset_a, lo, hi) & _take(mask_b, offset_b, lo, hi)
+    both = crop_placed(mask_a, offset_a, lo, hi) & crop_placed(mask_b, offset_b, lo, hi)
     return 2.0 * int(both.sum()) / total
 
 
-def _take(values: np.ndarray, offset_zyx: np.ndarray, lo, hi, fill=False) -> np.ndarray:
-    """The part [lo, hi) of the grid of an array placed at `offset_zyx`; `fill` where the array does not reach."""
+def crop_placed(values: np.ndarray, offset_zyx: np.ndarray, lo, hi, fill=False) -> np.ndarray:
+    """The part [lo, hi) (z, y, x voxels) of the grid of an array placed at `offset_zyx`; `fill` where the array
+    does not reach."""
     lo, hi = np.asarray(lo, int), np.asarray(hi, int)
     out = np.full(tuple(np.maximum(hi - lo, 0)), fill, values.dtype)
     start, stop = np.maximum(lo, offset_zyx), np.minimum(hi, offset_zyx + values.shape)
     if np.all(stop > start):
-        out[_slices(start - lo, stop - lo)] = values[_slices(start - offset_zyx, stop - offset_zyx)]
+        out[slices_between(start - lo, stop - lo)] = values[slices_between(start - offset_zyx, stop - offset_zyx)]
     return out
 
 
@@ -223,7 +224,7 @@ def _contrast(image_zyx: np.ndarray, spacing: np.ndarray, surroundings) -> float
     lo, hi, crop, outside = surroundings
     if not outside.any():
         return float("-inf")
-    smoothed = ndimage.gaussian_filter(image_zyx[_slices(lo, hi)].astype(np.float32), SMOOTHING_MM / spacing)
+    smoothed = ndimage.gaussian_filter(image_zyx[slices_between(lo, hi)].astype(np.float32), SMOOTHING_MM / spacing)
     within, around = smoothed[crop], smoothed[outside]
     spread = np.sqrt(0.5 * (within.var() + around.var())) + 1e-6 * (np.abs(smoothed).mean() + 1e-12)
     return float(abs(within.mean() - around.mean()) / spread)
@@ -238,7 +239,7 @@ def _surroundings(mask: np.ndarray, offset_zyx: np.ndarray, spacing: np.ndarray,
     found = np.argwhere(mask)
     lo = np.maximum(found.min(axis=0) + offset_zyx - margin, 0)
     hi = np.minimum(found.max(axis=0) + offset_zyx + margin + 1, image_shape)
-    crop = _take(mask, offset_zyx, lo, hi)
+    crop = crop_placed(mask, offset_zyx, lo, hi)
     return lo, hi, crop, ndimage.binary_dilation(crop, _ellipsoid(band)) & ~crop
 
 
@@ -247,5 +248,6 @@ def _ellipsoid(radii_zyx: np.ndarray) -> np.ndarray:
     return (z / radii_zyx[0]) ** 2 + (y / radii_zyx[1]) ** 2 + (x / radii_zyx[2]) ** 2 <= 1.0
 
 
-def _slices(lo, hi) -> tuple[slice, ...]:
+def slices_between(lo, hi) -> tuple[slice, ...]:
+    """The half-open region [lo, hi) as slices."""
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

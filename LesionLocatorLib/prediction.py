@@ -179,7 +179,8 @@ class PatchPredictor:
                                           self.settings.step_size)
 
     def _tile(self, padded: np.ndarray, start) -> np.ndarray:
-        return np.ascontiguousarray(padded[(slice(None),) + tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))])
+        window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
+        return np.ascontiguousarray(padded[(slice(None),) + window])
 
     def _blend(self, padded: np.ndarray, unpad, starts, shape_zyx, cancel_event) -> tuple[np.ndarray, Region]:
         """Sliding-window tiles, one pass each, blended with nnU-Net's Gaussian weights."""
@@ -190,7 +191,8 @@ class PatchPredictor:
         gaussian = self._gaussian if len(starts) > 1 else np.ones(self.patch_size, dtype=np.float32)
         for start in starts:
             check_cancel(cancel_event)
-            prediction = self._predict_tiles(torch.from_numpy(self._tile(padded, start))[None].to(self.settings.device))[0]
+            tile = torch.from_numpy(self._tile(padded, start))[None].to(self.settings.device)
+            prediction = self._predict_tiles(tile)[0]
             if logits is None:
                 logits = np.zeros((prediction.shape[0],) + tuple(hi - lo), dtype=np.float32)
             local = tuple(slice(s - l, s - l + p) for s, l, p in zip(start, lo, self.patch_size))

@@ -43,7 +43,8 @@ def check_backgrounds(backgrounds: Sequence[str]) -> None:
     held_out = sorted(set(backgrounds) & set(VALIDATION_BACKGROUNDS))
     if held_out:
         raise LesionLocatorError(f"{held_out} are validation backgrounds; fitting on them would leak into "
-                                 f"`lesionlocator evaluate`. Use training backgrounds (default: {FITTING_BACKGROUNDS}).")
+                                 "`lesionlocator evaluate`. Use training backgrounds (default: "
+                                 f"{FITTING_BACKGROUNDS}).")
 
 
 def synthetic_cases(args: argparse.Namespace) -> list:
