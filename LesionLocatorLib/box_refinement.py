@@ -59,14 +59,11 @@ class BoxRefiner:
                region: tuple[slice, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
         """The refined logits (foreground minus background) on a region that covers `region` and the box's
         surroundings; background outside it."""
-        crop = box_crop(box, spacing_zyx, image_zyx.shape)
-        lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
-        offset = np.asarray([r.start or 0 for r in region], int)
-        logits = crop_placed(score.astype(np.float32), offset, lo, hi, np.float32(OUTSIDE_LOGIT))
-        box_lo, box_hi = box_voxels(box)
-        features, reach = refinement_features(image_zyx[crop], logits, box_lo - lo, box_hi - lo, spacing_zyx)
+        crop, logits, features, reach = box_features(image_zyx, spacing_zyx, box, score, region)
         refined = logits.copy()
         refined[reach] = self.correct(features[reach])
+        lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
+        offset = np.asarray([r.start or 0 for r in region], int)
         union_lo = np.minimum(lo, offset)
         union_hi = np.maximum(hi, offset + np.asarray(score.shape))
         out = np.full(tuple(union_hi - union_lo), OUTSIDE_LOGIT, np.float32)
@@ -89,6 +86,19 @@ def box_crop(box: BoxPrompt, spacing_zyx, shape_zyx) -> tuple[slice, ...]:
     lo, hi = box_voxels(box)
     context = np.ceil(CONTEXT_MM / np.asarray(spacing_zyx, float)).astype(int)
     return slices_between(np.maximum(lo - context, 0), np.minimum(hi + context, shape_zyx))
+
+
+def box_features(image_zyx: np.ndarray, spacing_zyx, box: BoxPrompt, score: np.ndarray, region: tuple[slice, ...]
+                 ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """The box's crop (box_crop) of the original grid, the network's logits on it (background beyond `region`), and
+    the refinement's features and reach on it (refinement_features)."""
+    crop = box_crop(box, spacing_zyx, image_zyx.shape)
+    lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
+    offset = np.asarray([r.start or 0 for r in region], int)
+    logits = crop_placed(score.astype(np.float32), offset, lo, hi, np.float32(OUTSIDE_LOGIT))
+    box_lo, box_hi = box_voxels(box)
+    features, reach = refinement_features(image_zyx[crop], logits, box_lo - lo, box_hi - lo, spacing_zyx)
+    return crop, logits, features, reach
 
 
 def refinement_features(image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zyx, box_hi_zyx, spacing_zyx

@@ -183,12 +183,11 @@ class PatchPredictor:
         return np.ascontiguousarray(padded[(slice(None),) + window])
 
     def _blend(self, padded: np.ndarray, unpad, starts, shape_zyx, cancel_event) -> tuple[np.ndarray, Region]:
-        """Sliding-window tiles, one pass each, blended with nnU-Net's Gaussian weights."""
+        """Several sliding-window tiles, one pass each, blended with nnU-Net's Gaussian weights."""
         lo = np.min(starts, axis=0)
         hi = np.max(starts, axis=0) + self.patch_size
         logits = None
         weights = np.zeros(tuple(hi - lo), dtype=np.float32)
-        gaussian = self._gaussian if len(starts) > 1 else np.ones(self.patch_size, dtype=np.float32)
         for start in starts:
             check_cancel(cancel_event)
             tile = torch.from_numpy(self._tile(padded, start))[None].to(self.settings.device)
@@ -196,8 +195,8 @@ class PatchPredictor:
             if logits is None:
                 logits = np.zeros((prediction.shape[0],) + tuple(hi - lo), dtype=np.float32)
             local = tuple(slice(s - l, s - l + p) for s, l, p in zip(start, lo, self.patch_size))
-            logits[(slice(None),) + local] += prediction * gaussian
-            weights[local] += gaussian
+            logits[(slice(None),) + local] += prediction * self._gaussian
+            weights[local] += self._gaussian
         logits /= weights
         return _unpad_region(logits, lo, hi, unpad, shape_zyx)
 

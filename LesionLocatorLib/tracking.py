@@ -395,11 +395,11 @@ class Tracker:
     def _to_original(self, difference_window: np.ndarray, scan: TrackScan, z_window: slice) -> np.ndarray:
         """Back-resample the logit difference onto the original grid; only the window around the U-Net patch is
         computed, since elsewhere it is the constant background value and stays background."""
+        mask = np.zeros(scan.image.shape_zyx, np.uint8)
+        if np.all(difference_window == OUTSIDE_FG_MINUS_BG):  # background everywhere: nothing to resample
+            return mask
         difference = np.full(scan.pre.grid_shape_zyx, OUTSIDE_FG_MINUS_BG, np.float32)
         difference[z_window] = difference_window
-        mask = np.zeros(scan.image.shape_zyx, np.uint8)
-        if np.all(difference == OUTSIDE_FG_MINUS_BG):
-            return mask
         values, region = self.preprocessor.changed_window_to_original(difference, scan.pre, OUTSIDE_FG_MINUS_BG)
         mask[region] = values > 0
         return mask

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from LesionLocatorLib.box_refinement import FEATURES, BoxRefiner, box_crop, refi
 from LesionLocatorLib.errors import CheckpointError
 from LesionLocatorLib.image import ImageVolume
 from LesionLocatorLib.models.layout import MODEL_MANIFEST
-from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
 from LesionLocatorLib.prompts import BoxPrompt, PointPrompt
 from LesionLocatorLib.tanh_layer import TanhLayer
 
@@ -158,15 +156,6 @@ def test_fit_refiner_learns_to_undo_box_filling():
     network = np.mean([e.dice(None) for e in examples[10:]])
     refined = np.mean([e.dice(refiner) for e in examples[10:]])
     assert network < 0.7 and refined > network + 0.15
-
-
-@pytest.fixture(scope="module")
-def lite_root(tmp_path_factory) -> Path:
-    if not (BUNDLED_LITE_DIR / MODEL_MANIFEST).is_file():
-        pytest.skip("bundled Lite model missing")
-    root = tmp_path_factory.mktemp("lite") / "model"
-    shutil.copytree(BUNDLED_LITE_DIR, root)
-    return root
 
 
 def test_segmenter_refines_boxes_and_search_cubes_only_and_can_be_told_not_to(lite_root, tmp_path):

@@ -12,7 +12,6 @@ import pytest
 from LesionLocatorLib.errors import CheckpointError
 from LesionLocatorLib.image import ImageVolume
 from LesionLocatorLib.models.layout import MODEL_MANIFEST
-from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
 from LesionLocatorLib.point_search import PointSearch, boundary_contrast, cube_around_point
 from LesionLocatorLib.prompts import BoxPrompt, PointPrompt
 from LesionLocatorLib.segmentation import Segmenter, single_patch_extent_zyx
@@ -72,16 +71,12 @@ def test_manifest_entry_is_read_and_checked():
 
 
 @pytest.fixture(scope="module")
-def searching_root(tmp_path_factory) -> Path:
+def searching_root(lite_root) -> Path:
     """The bundled model with a manifest that asks for a point search over SIZES_MM."""
-    if not (BUNDLED_LITE_DIR / MODEL_MANIFEST).is_file():
-        pytest.skip("bundled Lite model missing")
-    root = tmp_path_factory.mktemp("lite") / "model"
-    shutil.copytree(BUNDLED_LITE_DIR, root)
-    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    manifest = json.loads((lite_root / MODEL_MANIFEST).read_text())
     manifest["point_search"] = {"box_sizes_mm": SIZES_MM}
-    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
-    return root
+    (lite_root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    return lite_root
 
 
 def test_search_keeps_the_candidate_with_the_highest_contrast(searching_root):

@@ -21,10 +21,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..box_refinement import FEATURES, MANIFEST_KEY, BoxRefiner, box_crop, box_voxels, refinement_features
+from ..box_refinement import FEATURES, MANIFEST_KEY, BoxRefiner, box_features
 from ..errors import LesionLocatorError
 from ..image import ImageVolume
-from ..point_search import OUTSIDE_LOGIT, crop_placed
 from ..prompts import BoxPrompt
 from ..tanh_layer import fit_tanh_layer
 from .manifest_fitting import add_data_arguments, own_lesions, progress_printer, synthetic_cases, write_manifest
@@ -57,12 +56,7 @@ class RefinementExample:
 def make_example(segmenter, image: ImageVolume, truth_zyx: np.ndarray, box: BoxPrompt) -> RefinementExample:
     """The box network's answer to `box` and the refinement's features, as `BoxRefiner.refine` computes them."""
     score, region = segmenter.network_answer(image, box)
-    crop = box_crop(box, image.spacing_zyx, image.shape_zyx)
-    lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
-    logits = crop_placed(score.astype(np.float32), np.asarray([r.start or 0 for r in region]), lo, hi,
-                   np.float32(OUTSIDE_LOGIT))
-    box_lo, box_hi = box_voxels(box)
-    features, reach = refinement_features(image.array[crop], logits, box_lo - lo, box_hi - lo, image.spacing_zyx)
+    crop, logits, features, reach = box_features(image.array, image.spacing_zyx, box, score, region)
     predicted = np.zeros(image.shape_zyx, bool)
     predicted[region] = score > 0
     truth = np.asarray(truth_zyx, bool)
