@@ -2,11 +2,14 @@
 
 A small box network leans on the box's extent: given a box larger than the lesion (a spiculated lesion's spikes, a
 loose box) it fills much of it, and its edges are a voxel or so off. The image inside the box usually says more:
-voxels that look like the network's confident lesion voxels rather than like the surroundings outside the box.
-So each voxel in and just around the box gets FEATURES: the network's logit; an intensity likelihood ratio (lesion
-vs. surroundings, histograms weighted by the network's probabilities, at two smoothings, and once more after a first
-correction, as in GrabCut); where it lies in the box; its signed distance to the network's mask; the local gradient;
-and the box's size. A TanhLayer (fitted by `lesionlocator fit-box-refinement` on synthetic lesions of training
+voxels that look like the network's confident lesion voxels rather than like the surroundings outside the box, and
+edge voxels whose intensity lies part way between the two (partial volume). So each voxel in and just around the box
+gets FEATURES: the network's logit; an intensity likelihood ratio (lesion vs. surroundings, histograms weighted by
+the network's probabilities, at two smoothings, and once more after a first correction, as in GrabCut); where it
+lies in the box; its signed distance to the network's mask; the local gradient; the box's size; its intensity
+fraction (0 at the surroundings' mean, 1 at the lesion's: the share of the voxel the lesion fills, for a uniform
+lesion), lightly smoothed and raw, and the raw fraction's minimum and maximum over its 3x3x3 neighbours; and the
+lesion's contrast to the image noise, which says how far the fractions can be trusted. A TanhLayer (fitted by `lesionlocator fit-box-refinement` on synthetic lesions of training
 backgrounds) adds a correction to the logit.
 
 The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py). A model root
@@ -26,7 +29,9 @@ from .tanh_layer import TanhLayer
 
 MANIFEST_KEY = "box_refinement"
 FEATURES = ("logit", "likelihood_ratio_1mm", "likelihood_ratio_2mm", "likelihood_ratio_refit",
-            "box_radius_ellipsoid", "box_radius_chebyshev", "signed_distance_mm", "gradient", "log_box_size_mm")
+            "box_radius_ellipsoid", "box_radius_chebyshev", "signed_distance_mm", "gradient", "log_box_size_mm",
+            "intensity_fraction", "intensity_fraction_raw", "intensity_fraction_raw_min", "intensity_fraction_raw_max",
+            "contrast_to_noise")
 # Surroundings around the box that the intensity histograms and the smoothing see.
 CONTEXT_MM = 12.0
 SMOOTHING_MM = 0.7  # of the image, before its intensities are binned (keeps noise out of the histograms)
@@ -37,6 +42,11 @@ LOGIT_LIMIT = 15.0  # the network's logits are clipped here, so that saturated v
 RATIO_LIMIT = 6.0  # log likelihood ratios are clipped here: empty histogram bins say little
 HISTOGRAM_BINS = 48
 FIRST_CORRECTION_WEIGHT = 2.0  # the likelihood ratio's weight in the first correction (before the refit)
+# The surroundings' mean intensity is taken on a shell this far outside the network's mask (mm): past the blur of
+# its edge, before other structures.
+SHELL_MM = (1.0, 4.0)
+FRACTION_LIMITS = (-1.5, 2.5)
+CONTRAST_LIMIT = 20.0
 
 
 @dataclass
@@ -124,16 +134,39 @@ def refinement_features(image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zy
     ellipsoid = np.sqrt(grids[0] ** 2 + grids[1] ** 2 + grids[2] ** 2)
     chebyshev = np.maximum(np.maximum(np.abs(grids[0]), np.abs(grids[1])), np.abs(grids[2]))
     mask = logits > 0
-    signed_distance = (ndimage.distance_transform_edt(mask, sampling=spacing)
-                       - ndimage.distance_transform_edt(~mask, sampling=spacing))
+    outside_mm = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    signed_distance = ndimage.distance_transform_edt(mask, sampling=spacing) - outside_mm
     spread = float(smoothed[in_box].std()) + 1e-3
     gradient = ndimage.gaussian_gradient_magnitude(image, 1.0 / spacing) / spread
     box_size = np.log(np.prod(np.maximum(np.asarray(box_hi_zyx) - np.asarray(box_lo_zyx), 1) * spacing) ** (1 / 3))
+    shell = (outside_mm > SHELL_MM[0]) & (outside_mm <= SHELL_MM[1]) if mask.any() else ~in_box
+    fraction, fraction_raw, contrast = _intensity_fractions(image, smoothed, sigmoid(logits) * in_box, shell, in_box)
     features = np.stack([
         logits, first, second, refit, np.minimum(ellipsoid, 3), np.minimum(chebyshev, 3),
-        np.clip(signed_distance, -9, 9), np.minimum(gradient, 5), np.full(image.shape, box_size)], axis=-1)
+        np.clip(signed_distance, -9, 9), np.minimum(gradient, 5), np.full(image.shape, box_size),
+        fraction, fraction_raw, ndimage.minimum_filter(fraction_raw, 3), ndimage.maximum_filter(fraction_raw, 3),
+        np.full(image.shape, contrast)], axis=-1)
     reach = ndimage.binary_dilation(in_box, iterations=REACH_VOXELS)
     return features.astype(np.float32), reach
+
+
+def _intensity_fractions(image: np.ndarray, smoothed: np.ndarray, lesion_weight: np.ndarray, shell: np.ndarray,
+                         in_box: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each voxel's intensity as a fraction of the way from the surroundings' mean (0) to the lesion's (1), on the
+    smoothed and on the raw image, and the lesion's contrast to the noise: |lesion - surroundings| / the standard
+    deviation of (raw - smoothed) in the surroundings. The lesion's mean is the smoothed image weighted by
+    `lesion_weight`, the surroundings' that of the `shell` (of the box's outside, or of the whole crop, when empty)."""
+    for around in (shell, ~in_box, np.ones(image.shape, bool)):
+        if around.any():
+            break
+    lesion_mean = float((smoothed * lesion_weight).sum() / max(float(lesion_weight.sum()), 1e-3))
+    around_mean = float(smoothed[around].mean())
+    difference = lesion_mean - around_mean
+    difference = difference if abs(difference) >= 1e-3 else 1e-3
+    noise = float(np.std(image[around] - smoothed[around])) + 1e-3
+    return (np.clip((smoothed - around_mean) / difference, *FRACTION_LIMITS),
+            np.clip((image - around_mean) / difference, *FRACTION_LIMITS),
+            min(abs(difference) / noise, CONTRAST_LIMIT))
 
 
 def _intensity_bins(smoothed: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from LesionLocatorLib.box_refinement import FEATURES, BoxRefiner, box_crop, refinement_features
 from LesionLocatorLib.errors import CheckpointError
@@ -102,6 +103,31 @@ def test_features_on_the_box_crop_in_zyx_voxels():
     assert named["log_box_size_mm"][0, 0, 0] == pytest.approx(np.log(np.prod(extent_mm) ** (1 / 3)), rel=1e-5)
 
 
+def test_intensity_fraction_runs_from_the_surroundings_to_the_lesion():
+    image, truth = ball_image(6.0)
+    box = loose_box(truth, 3.0)
+    crop = box_crop(box, SPACING_ZYX, SHAPE_ZYX)
+    lo = np.asarray([s.start for s in crop])
+    box_lo, box_hi = np.asarray(box.lo_zyx, int) - lo, np.asarray(box.hi_zyx, int) - lo
+    ball = truth[crop]
+    logits = np.where(ball, 8.0, -8.0).astype(np.float32)  # a network that finds the ball exactly
+    features, _ = refinement_features(image.array[crop], logits, box_lo, box_hi, SPACING_ZYX)
+    named = {name: features[..., k] for k, name in enumerate(FEATURES)}
+    centre = tuple(np.argwhere(ball).mean(axis=0).round().astype(int))
+    assert named["intensity_fraction"][centre] == pytest.approx(1.0, abs=0.15)  # the lesion's mean: 1
+    outside_mm = ndimage.distance_transform_edt(~ball, sampling=SPACING_ZYX)
+    shell = (outside_mm > 1.5) & (outside_mm <= 4.0)
+    assert abs(named["intensity_fraction"][shell].mean()) < 0.05  # the surroundings' mean: 0
+    raw = named["intensity_fraction_raw"]
+    assert named["intensity_fraction_raw_min"][centre] <= raw[centre] <= named["intensity_fraction_raw_max"][centre]
+    assert named["intensity_fraction_raw_min"][centre] == pytest.approx(raw[tuple(
+        slice(c - 1, c + 2) for c in centre)].min())
+    core = ndimage.distance_transform_edt(ball, sampling=SPACING_ZYX) > 3.0
+    assert raw[core].std() > 1.5 * named["intensity_fraction"][core].std()  # the raw image keeps the noise
+    # a contrast of 100 against noise of sd 12, less what the light smoothing keeps of it
+    assert 100 / 12 < named["contrast_to_noise"][0, 0, 0] < 20
+
+
 def test_a_likelihood_refiner_fixes_an_overfilled_box_and_keeps_the_rest():
     image, truth = ball_image(6.0)
     box = loose_box(truth, 4.0)
@@ -192,9 +218,11 @@ def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tm
     root = tmp_path / "model"
     shutil.copytree(lite_root, root)
     manifest = json.loads((root / MODEL_MANIFEST).read_text())
-    manifest.pop("box_refinement", None)
+    manifest["box_refinement"] = {"features": ["an", "earlier", "version's"]}  # outdated: the fit replaces it
     (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
     before = (root / MODEL_MANIFEST).read_text()
+    with pytest.raises(CheckpointError, match="fit-box-refinement"):
+        Segmenter.from_folder(root, device="cpu")
     base = ["fit-box-refinement", "-m", str(root), "--backgrounds", "body_phantom:7", "head_phantom:8",
             "--cases-per-background", "2", "--steps", "20", "--hidden", "2", "--voxels-per-lesion", "200"]
     assert cli.main(base + ["--dry-run"]) == 0

@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     if "box" not in manifest.get("tasks", {}):
         raise LesionLocatorError(f"{root}'s manifest maps no 'box' task to a network; the refinement corrects the "
                                  "box network's answers.")
-    segmenter = Segmenter(root, device=args.device, preset="fast")
+    # the box network alone: an entry of an earlier version's features, which this fit replaces, must not stop it
+    segmenter = Segmenter(root, device=args.device, preset="fast", box_refinement=False)
     boxes: Iterable = synthetic_boxes(synthetic_cases(args))
     if args.own_data is not None:
         boxes = chain(boxes, own_data_boxes(args.own_data, args.seed))
