@@ -45,6 +45,9 @@ FIRST_CORRECTION_WEIGHT = 2.0  # the likelihood ratio's weight in the first corr
 # The surroundings' mean intensity is taken on a shell this far outside the network's mask (mm): past the blur of
 # its edge, before other structures.
 SHELL_MM = (1.0, 4.0)
+# Added to the shell's limits: a voxel exactly at a limit on the grid (4 mm = 5 x 0.8 mm) must not flip in or out
+# when a file stores the spacing in float32 (0.800000011920929).
+DISTANCE_TOLERANCE_MM = 1e-3
 FRACTION_LIMITS = (-1.5, 2.5)
 CONTRAST_LIMIT = 20.0
 
@@ -139,7 +142,8 @@ def refinement_features(image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zy
     spread = float(smoothed[in_box].std()) + 1e-3
     gradient = ndimage.gaussian_gradient_magnitude(image, 1.0 / spacing) / spread
     box_size = np.log(np.prod(np.maximum(np.asarray(box_hi_zyx) - np.asarray(box_lo_zyx), 1) * spacing) ** (1 / 3))
-    shell = (outside_mm > SHELL_MM[0]) & (outside_mm <= SHELL_MM[1]) if mask.any() else ~in_box
+    inner, outer = (limit + DISTANCE_TOLERANCE_MM for limit in SHELL_MM)
+    shell = (outside_mm > inner) & (outside_mm <= outer) if mask.any() else ~in_box
     fraction, fraction_raw, contrast = _intensity_fractions(image, smoothed, sigmoid(logits) * in_box, shell, in_box)
     features = np.stack([
         logits, first, second, refit, np.minimum(ellipsoid, 3), np.minimum(chebyshev, 3),

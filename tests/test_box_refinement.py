@@ -128,6 +128,18 @@ def test_intensity_fraction_runs_from_the_surroundings_to_the_lesion():
     assert 100 / 12 < named["contrast_to_noise"][0, 0, 0] < 20
 
 
+def test_features_do_not_jump_when_a_file_stores_the_spacing_in_float32():
+    image, truth = ball_image(6.0)
+    crop = box_crop(loose_box(truth, 3.0), SPACING_ZYX, SHAPE_ZYX)
+    ball = truth[crop]
+    logits = np.where(ball, 8.0, -8.0).astype(np.float32)
+    box_lo, box_hi = np.argwhere(ball).min(axis=0), np.argwhere(ball).max(axis=0) + 1
+    stored = tuple(float(np.float32(s)) for s in SPACING_ZYX)  # 0.800000011920929: voxels 4 mm out sit on the shell
+    exact, _ = refinement_features(image.array[crop], logits, box_lo, box_hi, SPACING_ZYX)
+    read, _ = refinement_features(image.array[crop], logits, box_lo, box_hi, stored)
+    assert np.abs(read - exact).max() < 1e-3
+
+
 def test_a_likelihood_refiner_fixes_an_overfilled_box_and_keeps_the_rest():
     image, truth = ball_image(6.0)
     box = loose_box(truth, 4.0)

@@ -316,6 +316,7 @@ def test_fit_point_search_command_writes_a_selector_that_loads(searching_root, t
     assert cli.main(base + ["--features", str(saved), "--hidden", "2"]) == 0  # a second fit keeps the first
     assert (root / "lesionlocator_model.previous.json").read_text() == first
     assert (root / MODEL_MANIFEST).read_text() != first
+    assert cli.main(base + ["--features", str(saved), "--temperature", "0"]) == 2  # must be positive
     assert cli.main(base + ["--backgrounds", "brain_atlas_ct"]) == 2  # a validation background
     (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "net_point", "box": "net"}}))
     assert cli.main(base + ["--features", str(saved)]) == 2  # no point search to fit
