@@ -9,8 +9,8 @@ the network's probabilities, at two smoothings, and once more after a first corr
 lies in the box; its signed distance to the network's mask; the local gradient; the box's size; its intensity
 fraction (0 at the surroundings' mean, 1 at the lesion's: the share of the voxel the lesion fills, for a uniform
 lesion), lightly smoothed and raw, and the raw fraction's minimum and maximum over its 3x3x3 neighbours; and the
-lesion's contrast to the image noise, which says how far the fractions can be trusted. A TanhLayer (fitted by `lesionlocator fit-box-refinement` on synthetic lesions of training
-backgrounds) adds a correction to the logit.
+lesion's contrast to the image noise, which says how far the fractions can be trusted. A TanhLayer (fitted by
+`lesionlocator fit-box-refinement` on synthetic lesions of training backgrounds) adds a correction to the logit.
 
 The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py). A model root
 asks for it in its manifest: `"box_refinement": {"features": [...], ...}`. Indices are (z, y, x) voxels
@@ -160,9 +160,7 @@ def _intensity_fractions(image: np.ndarray, smoothed: np.ndarray, lesion_weight:
     smoothed and on the raw image, and the lesion's contrast to the noise: |lesion - surroundings| / the standard
     deviation of (raw - smoothed) in the surroundings. The lesion's mean is the smoothed image weighted by
     `lesion_weight`, the surroundings' that of the `shell` (of the box's outside, or of the whole crop, when empty)."""
-    for around in (shell, ~in_box, np.ones(image.shape, bool)):
-        if around.any():
-            break
+    around = next(region for region in (shell, ~in_box, np.ones(image.shape, bool)) if region.any())
     lesion_mean = float((smoothed * lesion_weight).sum() / max(float(lesion_weight.sum()), 1e-3))
     around_mean = float(smoothed[around].mean())
     difference = lesion_mean - around_mean

@@ -1,10 +1,11 @@
 """`lesionlocator fit-point-search`: fit the point search's candidate selector on synthetic lesions (and yours).
 
 For every click on a lesion of a synthetic set made on training backgrounds (never the validation ones), and
-optionally on lesions of your annotated CTs, the model's point search makes all its candidates (the point network's answer and the box network's on each cube); each gets its
-features (point_search.FEATURES) and its Dice against the exact mask. A small network (one tanh layer) learns to score
-the candidates so that a softmax over them puts its weight on the best Dice; the kept candidate at inference is the
-highest score. Several seeds are fitted and averaged (one wider hidden layer, stored as such).
+optionally on lesions of your annotated CTs, the model's point search makes all its candidates (the point network's
+answer and the box network's on each cube); each gets its features (point_search.FEATURES) and its Dice against the
+exact mask. A small network (one tanh layer) learns to score the candidates so that a softmax over them puts its
+weight on the best Dice; the kept candidate at inference is the highest score. Several seeds are fitted and averaged
+(one wider hidden layer, stored as such).
 
     lesionlocator fit-point-search -m MODEL_ROOT                  # fit and write the selector into the manifest
     lesionlocator fit-point-search -m MODEL_ROOT --dry-run        # only report what it would gain
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
 
+    if args.temperature <= 0:  # before minutes of candidates
+        raise LesionLocatorError(f"--temperature must be positive; got {args.temperature}.")
     root = resolve_model_root(args.model)
     segmenter = Segmenter(root, device=args.device, preset="fast")
     if segmenter.point_search is None:
@@ -162,8 +165,6 @@ def run(args: argparse.Namespace) -> int:
                                  "--cases-per-background, --backgrounds or --clicks-per-lesion).")
     if args.save_features is not None:
         np.savez(args.save_features, features=features, dice=dice, features_names=np.asarray(FEATURES))
-    if args.temperature <= 0:
-        raise LesionLocatorError(f"--temperature must be positive; got {args.temperature}.")
     options = dict(hidden=args.hidden, seeds=args.seeds, steps=args.steps, temperature=args.temperature)
     report = {"clicks": len(dice), "point_network": float(dice[:, 0].mean()),
               "contrast": float(chosen_dice(contrast_scores(features), dice).mean()),
