@@ -126,7 +126,8 @@ def refinement_features(image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zy
     in_box[slices_between(np.maximum(box_lo_zyx, 0), box_hi_zyx)] = True
     logits = np.clip(logits_zyx, -LOGIT_LIMIT, LOGIT_LIMIT).astype(np.float32)
     bins = _intensity_bins(smoothed)
-    ratio = _likelihood_ratio(bins, sigmoid(logits), in_box)
+    probability = sigmoid(logits)
+    ratio = _likelihood_ratio(bins, probability, in_box)
     first, second = (ndimage.gaussian_filter(ratio, mm / spacing) for mm in (1.0, 2.0))
     corrected = sigmoid(logits + FIRST_CORRECTION_WEIGHT * first)
     refit = ndimage.gaussian_filter(_likelihood_ratio(bins, corrected, in_box), 1.0 / spacing)
@@ -144,7 +145,7 @@ def refinement_features(image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zy
     box_size = np.log(np.prod(np.maximum(np.asarray(box_hi_zyx) - np.asarray(box_lo_zyx), 1) * spacing) ** (1 / 3))
     inner, outer = (limit + DISTANCE_TOLERANCE_MM for limit in SHELL_MM)
     shell = (outside_mm > inner) & (outside_mm <= outer) if mask.any() else ~in_box
-    fraction, fraction_raw, contrast = _intensity_fractions(image, smoothed, sigmoid(logits) * in_box, shell, in_box)
+    fraction, fraction_raw, contrast = _intensity_fractions(image, smoothed, probability * in_box, shell, in_box)
     features = np.stack([
         logits, first, second, refit, np.minimum(ellipsoid, 3), np.minimum(chebyshev, 3),
         np.clip(signed_distance, -9, 9), np.minimum(gradient, 5), np.full(image.shape, box_size),

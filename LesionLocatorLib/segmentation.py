@@ -181,7 +181,9 @@ class Segmenter:
         if self.point_search is not None and isinstance(prompt, PointPrompt):
             return self._search_point(image, prompt, cache, cancel_event)
         score, region = self._predict_one(image, prompt, cache, cancel_event)
-        return self._refine_box(image, prompt, score, region) if isinstance(prompt, BoxPrompt) else (score, region)
+        if isinstance(prompt, BoxPrompt):
+            return self._refine_box(image, prompt, score, region, cancel_event)
+        return score, region
 
     def network_answer(self, image: ImageVolume, prompt: Prompt, cancel_event=None) -> tuple[np.ndarray, Region]:
         """The prompt's network alone (no point search, no box refinement): foreground-minus-background logits on a
@@ -215,14 +217,14 @@ class Segmenter:
             shared = box_model.preprocessor.preprocess_window(image, union)
         candidates = [Candidate(prompt, *self._predict_one(image, prompt, cache, cancel_event))]
         for box, (score, region) in zip(boxes, self._predict_many(image, boxes, cache, cancel_event, shared)):
-            check_cancel(cancel_event)
-            candidates.append(Candidate(box, *self._refine_box(image, box, score, region)))
+            candidates.append(Candidate(box, *self._refine_box(image, box, score, region, cancel_event)))
         return candidates
 
-    def _refine_box(self, image: ImageVolume, box: BoxPrompt, score: np.ndarray,
-                    region: Region) -> tuple[np.ndarray, Region]:
+    def _refine_box(self, image: ImageVolume, box: BoxPrompt, score: np.ndarray, region: Region,
+                    cancel_event) -> tuple[np.ndarray, Region]:
         if self.box_refiner is None:
             return score, region
+        check_cancel(cancel_event)  # the refinement takes up to half a second on a large box
         return self.box_refiner.refine(image.array, image.spacing_zyx, box, score, region)
 
     def _predict_one(self, image: ImageVolume, prompt: Prompt, cache: dict, cancel_event,
