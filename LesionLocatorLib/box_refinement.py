@@ -11,6 +11,8 @@ fraction (0 at the surroundings' mean, 1 at the lesion's: the share of the voxel
 lesion), lightly smoothed and raw, and the raw fraction's minimum and maximum over its 3x3x3 neighbours; and the
 lesion's contrast to the image noise, which says how far the fractions can be trusted. A TanhLayer (fitted by
 `lesionlocator fit-box-refinement` on synthetic lesions of training backgrounds) adds a correction to the logit.
+Further stages do the same again on the corrected logits: the features computed from the corrected mask (the
+lesion's mean, the surroundings' shell, the signed distance) are closer to the truth than the network's.
 
 The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py). A model root
 asks for it in its manifest: `"box_refinement": {"features": [...], ...}`. Indices are (z, y, x) voxels
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .errors import CheckpointError
 from .point_search import OUTSIDE_LOGIT, crop_placed, sigmoid, slices_between
 from .prompts import BoxPrompt
 from .tanh_layer import TanhLayer
@@ -54,28 +57,35 @@ CONTRAST_LIMIT = 20.0
 
 @dataclass
 class BoxRefiner:
-    layer: TanhLayer
+    stages: list[TanhLayer]  # each corrects the logits that the one before it left
 
     @classmethod
     def from_manifest(cls, manifest: dict, where: str = "the model manifest") -> "BoxRefiner | None":
+        """The refinement a manifest asks for: `{"stages": [entry, ...]}`, or one stage's entry alone (as written
+        before the twelfth session)."""
         entry = manifest.get(MANIFEST_KEY)
         if entry is None:
             return None
-        return cls(TanhLayer.from_entry(
-            entry, FEATURES, f"{where}: '{MANIFEST_KEY}'",
-            "Run `lesionlocator fit-box-refinement` again, or remove the entry to use the box network alone."))
+        what, fix = (f"{where}: '{MANIFEST_KEY}'",
+                     "Run `lesionlocator fit-box-refinement` again, or remove the entry to use the box network alone.")
+        stages = entry.get("stages") if isinstance(entry, dict) and "stages" in entry else [entry]
+        if not isinstance(stages, list) or not stages:
+            raise CheckpointError(f"{what}: 'stages' must be a non-empty list of fitted stages. {fix}")
+        return cls([TanhLayer.from_entry(stage, FEATURES, f"{what} (stage {number})", fix)
+                    for number, stage in enumerate(stages, 1)])
 
     def manifest_entry(self) -> dict:
-        return self.layer.manifest_entry(FEATURES)
+        return {"stages": [layer.manifest_entry(FEATURES) for layer in self.stages]}
 
     def refine(self, image_zyx: np.ndarray, spacing_zyx, box: BoxPrompt, score: np.ndarray,
                region: tuple[slice, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
         """The refined logits (foreground minus background) on a region that covers `region` and the box's
         surroundings; background outside it."""
         crop, logits, features, reach = box_features(image_zyx, spacing_zyx, box, score, region)
-        refined = logits.copy()
-        refined[reach] = self.correct(features[reach])
         lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
+        box_lo, box_hi = box_voxels(box)
+        refined = self.refine_crop(image_zyx[crop], logits, box_lo - lo, box_hi - lo, spacing_zyx,
+                                   features[reach], reach)
         offset = np.asarray([r.start or 0 for r in region], int)
         union_lo = np.minimum(lo, offset)
         union_hi = np.maximum(hi, offset + np.asarray(score.shape))
@@ -84,9 +94,22 @@ class BoxRefiner:
         out[slices_between(lo - union_lo, hi - union_lo)] = refined
         return out, slices_between(union_lo, union_hi)
 
-    def correct(self, features: np.ndarray) -> np.ndarray:
-        """Refined logits from (voxels, FEATURES): the network's (clipped) logit plus the fitted correction."""
-        return (features[:, 0] + self.layer.outputs(features)).astype(np.float32)
+    def refine_crop(self, image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zyx, box_hi_zyx, spacing_zyx,
+                    first_features: np.ndarray, reach: np.ndarray) -> np.ndarray:
+        """The logits on a box's crop after every stage; `first_features` are the first stage's on `reach`
+        (refinement_features of the network's logits), the others are computed here."""
+        refined = logits_zyx.copy()
+        features = first_features
+        for number, layer in enumerate(self.stages):
+            if number:
+                features = refinement_features(image_zyx, refined, box_lo_zyx, box_hi_zyx, spacing_zyx)[0][reach]
+            refined[reach] = correct(layer, features)
+        return refined
+
+
+def correct(layer: TanhLayer, features: np.ndarray) -> np.ndarray:
+    """Corrected logits from (voxels, FEATURES): the (clipped) logit the stage was given plus its correction."""
+    return (features[:, 0] + layer.outputs(features)).astype(np.float32)
 
 
 def box_voxels(box: BoxPrompt) -> tuple[np.ndarray, np.ndarray]:

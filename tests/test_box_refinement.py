@@ -55,8 +55,8 @@ def refiner_using(feature: str, weight: float = 1.0, output: float = 12.0, bias:
     count = len(FEATURES)
     hidden = np.zeros((1, count))
     hidden[0, FEATURES.index(feature)] = weight
-    return BoxRefiner(TanhLayer(np.zeros(count), np.ones(count), hidden, np.array([-weight * threshold]),
-                                np.array([output]), bias))
+    return BoxRefiner([TanhLayer(np.zeros(count), np.ones(count), hidden, np.array([-weight * threshold]),
+                                 np.array([output]), bias)])
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -159,19 +159,39 @@ def test_a_likelihood_refiner_fixes_an_overfilled_box_and_keeps_the_rest():
 
 
 def test_entry_round_trips_and_bad_entries_say_how_to_fix_them():
-    refiner = refiner_using("gradient", 0.5, -3.0, bias=1.5)
+    first, second = refiner_using("gradient", 0.5, -3.0, bias=1.5), refiner_using("logit", output=0.0, bias=-2.0)
+    refiner = BoxRefiner(first.stages + second.stages)
     manifest = json.loads(json.dumps({"tasks": {"box": "net"}, "box_refinement": refiner.manifest_entry()}))
     loaded = BoxRefiner.from_manifest(manifest)
-    assert loaded.layer.output_bias == 1.5 and np.array_equal(loaded.layer.hidden_weight, refiner.layer.hidden_weight)
+    assert [layer.output_bias for layer in loaded.stages] == [1.5, -2.0]
+    assert np.array_equal(loaded.stages[0].hidden_weight, refiner.stages[0].hidden_weight)
     assert BoxRefiner.from_manifest({"tasks": {"box": "net"}}) is None
-    entry = refiner.manifest_entry()
-    for broken, message in (({**entry, "features": ["logit"]}, "not fitted on this version"),
-                            ({k: v for k, v in entry.items() if k != "hidden_weight"}, "incomplete"),
-                            ({**entry, "hidden_bias": [0.0, 1.0]}, "bad arrays"),
-                            ({**entry, "output_bias": float("nan")}, "bad arrays")):
+    # an entry written before stages existed is one stage
+    one_stage = first.manifest_entry()["stages"][0]
+    assert len(BoxRefiner.from_manifest({"box_refinement": one_stage}).stages) == 1
+    for broken, message in (({**one_stage, "features": ["logit"]}, "not fitted on this version"),
+                            ({k: v for k, v in one_stage.items() if k != "hidden_weight"}, "incomplete"),
+                            ({**one_stage, "hidden_bias": [0.0, 1.0]}, "bad arrays"),
+                            ({**one_stage, "output_bias": float("nan")}, "bad arrays"),
+                            ({"stages": []}, "non-empty list"),
+                            ({"stages": [one_stage, {**one_stage, "features": ["logit"]}]}, r"stage 2\) was not fitted")):
         with pytest.raises(CheckpointError, match=message) as error:
             BoxRefiner.from_manifest({"box_refinement": broken}, "model X")
         assert "fit-box-refinement" in str(error.value) and "model X" in str(error.value)
+
+
+def test_a_second_stage_corrects_what_the_first_left():
+    image, truth = ball_image(6.0)
+    box = loose_box(truth, 3.0)
+    score, region = filled_box_logits(box)
+    # the first stage makes a ball-sized mask; the second one grows it by 2 mm through the signed distance
+    first = refiner_using("likelihood_ratio_refit", threshold=2.5)
+    grow = refiner_using("signed_distance_mm", weight=4.0, output=12.0, threshold=-2.0)
+    one = in_grid(*first.refine(image.array, SPACING_ZYX, box, score, region))
+    two = in_grid(*BoxRefiner(first.stages + grow.stages).refine(image.array, SPACING_ZYX, box, score, region))
+    assert dice(one, truth) > 0.85
+    assert one.sum() < two.sum() and not (one & ~two).any()
+    assert (two & ~one).sum() > 0.5 * (ndimage.binary_dilation(one) & ~one).sum()
 
 
 class FillingSegmenter:
@@ -191,9 +211,16 @@ def test_fit_refiner_learns_to_undo_box_filling():
         image, truth = ball_image(radius, (15 + rng.uniform(-3, 3), 45 + rng.uniform(-9, 9), 45), seed)
         examples.append(make_example(FillingSegmenter(), image, truth, loose_box(truth, rng.uniform(1, 5))))
     refiner = fit_refiner(examples[:10], hidden=4, steps=300, voxels_per_lesion=800)
+    assert len(refiner.stages) == 2
     network = np.mean([e.dice(None) for e in examples[10:]])
     refined = np.mean([e.dice(refiner) for e in examples[10:]])
     assert network < 0.7 and refined > network + 0.15
+    # what the fitting scores is what the Segmenter's refinement gives on the whole image
+    image, truth = ball_image(6.5, (16.0, 40.0, 47.0), 99)
+    box = loose_box(truth, 3.0)
+    example = make_example(FillingSegmenter(), image, truth, box)
+    assert example.dice(refiner) == pytest.approx(dice(in_grid(*refiner.refine(
+        image.array, SPACING_ZYX, box, *filled_box_logits(box))), truth), abs=1e-9)
 
 
 def test_segmenter_refines_boxes_and_search_cubes_only_and_can_be_told_not_to(lite_root, tmp_path):
@@ -241,11 +268,13 @@ def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tm
     assert (root / MODEL_MANIFEST).read_text() == before  # a dry run writes nothing
     capsys.readouterr()
     assert cli.main(base) == 0
-    assert Segmenter.from_folder(root, device="cpu").box_refiner is not None
+    assert len(Segmenter.from_folder(root, device="cpu").box_refiner.stages) == 2
     assert "fit-point-search" in capsys.readouterr().err  # the bundled selector was fitted on unrefined cubes
     first = (root / MODEL_MANIFEST).read_text()
-    assert cli.main(base + ["--hidden", "3"]) == 0  # a second fit keeps the manifest it replaces
+    assert cli.main(base + ["--hidden", "3", "--stages", "1"]) == 0  # a second fit keeps the manifest it replaces
     assert (root / "lesionlocator_model.previous.json").read_text() == first
+    assert len(Segmenter.from_folder(root, device="cpu").box_refiner.stages) == 1
+    assert cli.main(base + ["--stages", "0"]) == 2
     assert cli.main(base + ["--backgrounds", "chest_ct_dicom"]) == 2  # a validation background
     assert cli.main(base + ["--cases-per-background", "1", "--backgrounds", "body_phantom:7"]) == 2  # too few
     (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "net_point"}}))

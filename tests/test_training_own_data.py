@@ -192,7 +192,7 @@ def test_evaluate_uses_the_model_point_search_and_box_refinement_unless_disabled
     write_model_root(model, TINY, build_lite_network(TINY).state_dict(), {"current_epoch": 0})
     manifest = json.loads((model / MODEL_MANIFEST).read_text())
     count = len(FEATURES)
-    refiner = BoxRefiner(TanhLayer(np.zeros(count), np.ones(count), np.zeros((1, count)), np.zeros(1), np.zeros(1)))
+    refiner = BoxRefiner([TanhLayer(np.zeros(count), np.ones(count), np.zeros((1, count)), np.zeros(1), np.zeros(1))])
     (model / MODEL_MANIFEST).write_text(json.dumps({**manifest, "point_search": {"box_sizes_mm": [10, 30]},
                                                     "box_refinement": refiner.manifest_entry()}))
     parser = argparse.ArgumentParser()

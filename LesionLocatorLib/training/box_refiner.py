@@ -4,7 +4,8 @@ Every lesion of a synthetic set made on training backgrounds (never the validati
 lesion of your annotated CTs, gets a box jittered as in `lesionlocator evaluate` (each face up to 2 voxels) and the
 model's box network answers it. The refinement's features are computed on the box's surroundings, and a TanhLayer
 learns a correction of the network's logit (cross-entropy against the exact mask, every lesion weighted alike, on a
-sample of its voxels). A 5-fold cross-validation over lesions reports the Dice it would reach.
+sample of its voxels). Each further stage is fitted the same way on the logits the stages before it corrected. A
+5-fold cross-validation over lesions reports the Dice it would reach.
 
     lesionlocator fit-box-refinement -m MODEL_ROOT              # fit and write it into the manifest
     lesionlocator fit-box-refinement -m MODEL_ROOT --dry-run    # only report what it would gain
@@ -14,18 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..box_refinement import FEATURES, MANIFEST_KEY, BoxRefiner, box_features
+from ..box_refinement import (FEATURES, MANIFEST_KEY, BoxRefiner, box_features, box_voxels, correct,
+                              refinement_features)
 from ..errors import LesionLocatorError
 from ..image import ImageVolume
 from ..prompts import BoxPrompt
-from ..tanh_layer import fit_tanh_layer
+from ..tanh_layer import TanhLayer, fit_tanh_layer
 from .manifest_fitting import add_data_arguments, own_lesions, progress_printer, synthetic_cases, write_manifest
 
 MIN_LESIONS = 10  # fewer cannot stand for the lesions a model meets
@@ -35,22 +37,34 @@ BOX_JITTER_VOXELS = 2  # as `lesionlocator evaluate`'s boxes
 @dataclass
 class RefinementExample:
     """One boxed lesion: the features where the refinement may change the answer (`reach` of the box's crop), the
-    network's logits and the exact mask on the crop, and voxel counts outside the crop (predicted, true, both)."""
+    logits they were computed from, the image and the exact mask on the crop, the box in the crop's voxels, and voxel
+    counts outside the crop (predicted, true, both)."""
 
     reach: np.ndarray           # bool (z, y, x) on the crop
     features: np.ndarray        # float32 (reach voxels, FEATURES)
-    logits: np.ndarray          # float32 (z, y, x) on the crop
+    logits: np.ndarray          # float32 (z, y, x) on the crop: the network's, or those a stage left
     truth: np.ndarray           # bool (z, y, x) on the crop
     outside: tuple[int, int, int]
+    image: np.ndarray           # (z, y, x) on the crop
+    box_lo_zyx: np.ndarray      # the half-open box in the crop's voxels
+    box_hi_zyx: np.ndarray
+    spacing_zyx: tuple[float, ...]
 
     def dice(self, refiner: BoxRefiner | None) -> float:
-        """The Dice of the network's answer, refined by `refiner` unless it is None."""
-        mask = self.logits > 0
-        if refiner is not None:
-            mask[self.reach] = refiner.correct(self.features) > 0
+        """The Dice of these logits, refined by `refiner` unless it is None."""
+        logits = self.logits if refiner is None else refiner.refine_crop(
+            self.image, self.logits, self.box_lo_zyx, self.box_hi_zyx, self.spacing_zyx, self.features, self.reach)
+        mask = logits > 0
         predicted, true, both = self.outside
         total = int(mask.sum()) + predicted + int(self.truth.sum()) + true
         return 1.0 if total == 0 else 2.0 * (int((mask & self.truth).sum()) + both) / total
+
+    def after(self, layer: TanhLayer) -> "RefinementExample":
+        """The lesion as the next stage sees it: the logits corrected by `layer`, and the features on them."""
+        logits = self.logits.copy()
+        logits[self.reach] = correct(layer, self.features)
+        features = refinement_features(self.image, logits, self.box_lo_zyx, self.box_hi_zyx, self.spacing_zyx)[0]
+        return replace(self, logits=logits, features=features[self.reach])
 
 
 def make_example(segmenter, image: ImageVolume, truth_zyx: np.ndarray, box: BoxPrompt) -> RefinementExample:
@@ -63,7 +77,11 @@ def make_example(segmenter, image: ImageVolume, truth_zyx: np.ndarray, box: BoxP
     predicted[crop], truth_outside = False, truth.copy()
     truth_outside[crop] = False
     outside = (int(predicted.sum()), int(truth_outside.sum()), int((predicted & truth_outside).sum()))
-    return RefinementExample(reach, features[reach], logits, truth[crop].copy(), outside)
+    lo = np.asarray([s.start for s in crop])
+    box_lo, box_hi = box_voxels(box)
+    return RefinementExample(reach, features[reach], logits, truth[crop].copy(), outside,
+                             image.array[crop].astype(np.float32), box_lo - lo, box_hi - lo,
+                             tuple(map(float, image.spacing_zyx)))
 
 
 def synthetic_boxes(cases) -> Iterator[tuple[ImageVolume, np.ndarray, BoxPrompt]]:
@@ -96,9 +114,20 @@ def collect(segmenter, boxes: Iterable[tuple[ImageVolume, np.ndarray, BoxPrompt]
     return examples
 
 
-def fit_refiner(examples: list[RefinementExample], hidden: int = 16, seeds: int = 1, steps: int = 1000,
-                voxels_per_lesion: int = 2000, lr: float = 0.01, weight_decay: float = 1e-4,
+def fit_refiner(examples: list[RefinementExample], stages: int = 2, hidden: int = 16, seeds: int = 1,
+                steps: int = 1000, voxels_per_lesion: int = 2000, lr: float = 0.01, weight_decay: float = 1e-4,
                 seed: int = 0) -> BoxRefiner:
+    """`stages` layers, each fitted on the logits the ones before it corrected (fit_stage)."""
+    layers: list[TanhLayer] = []
+    for number in range(stages):
+        if number:
+            examples = [example.after(layers[-1]) for example in examples]
+        layers.append(fit_stage(examples, hidden, seeds, steps, voxels_per_lesion, lr, weight_decay, seed))
+    return BoxRefiner(layers)
+
+
+def fit_stage(examples: list[RefinementExample], hidden: int, seeds: int, steps: int, voxels_per_lesion: int,
+              lr: float, weight_decay: float, seed: int) -> TanhLayer:
     """Minimize the cross-entropy of the corrected logits on up to `voxels_per_lesion` voxels of each lesion's
     reach, each lesion weighted alike."""
     import torch
@@ -111,16 +140,16 @@ def fit_refiner(examples: list[RefinementExample], hidden: int = 16, seeds: int 
         labels.append(example.truth[example.reach][chosen])
         weights.append(np.full(len(chosen), 1.0 / len(chosen)))
     features = np.concatenate(rows)
-    network_logits, targets, weight = (torch.tensor(np.asarray(v, np.float32)) for v in (
+    given_logits, targets, weight = (torch.tensor(np.asarray(v, np.float32)) for v in (
         features[:, FEATURES.index("logit")], np.concatenate(labels), np.concatenate(weights)))
     weight = weight / weight.sum()
 
     def loss(corrections):
-        entropy = torch.nn.functional.binary_cross_entropy_with_logits(network_logits + corrections, targets,
+        entropy = torch.nn.functional.binary_cross_entropy_with_logits(given_logits + corrections, targets,
                                                                        reduction="none")
         return (entropy * weight).sum()
 
-    return BoxRefiner(fit_tanh_layer(features, loss, hidden, seeds, steps, lr, weight_decay))
+    return fit_tanh_layer(features, loss, hidden, seeds, steps, lr, weight_decay)
 
 
 def cross_validated_dice(examples: list[RefinementExample], folds: int = 5, **fit_options) -> np.ndarray:
@@ -136,7 +165,9 @@ def cross_validated_dice(examples: list[RefinementExample], folds: int = 5, **fi
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, "box refinement")
-    parser.add_argument("--hidden", type=int, default=16, help="hidden units")
+    parser.add_argument("--stages", type=int, default=2,
+                        help="stages, each fitted on the logits the ones before it corrected (each adds minutes)")
+    parser.add_argument("--hidden", type=int, default=16, help="hidden units per stage")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--voxels-per-lesion", type=int, default=2000, help="voxels sampled from each lesion's box")
 
@@ -146,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
 
+    if args.stages < 1:  # before minutes of boxes
+        raise LesionLocatorError(f"--stages must be at least 1; got {args.stages}.")
     root = resolve_model_root(args.model)
     manifest = read_model_manifest(root)
     if "box" not in manifest.get("tasks", {}):
@@ -161,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     if len(examples) < MIN_LESIONS:
         raise LesionLocatorError(f"only {len(examples)} lesions to fit on; use at least {MIN_LESIONS} (more "
                                  "--cases-per-background or --backgrounds, or --own-data).")
-    options = dict(hidden=args.hidden, steps=args.steps, voxels_per_lesion=args.voxels_per_lesion)
+    options = dict(stages=args.stages, hidden=args.hidden, steps=args.steps, voxels_per_lesion=args.voxels_per_lesion)
     report = {"lesions": len(examples), "box_network": float(np.mean([e.dice(None) for e in examples])),
               "refined_cross_validated": float(cross_validated_dice(examples, **options).mean())}
     print("mean Dice of box prompts on the fitting lesions:", json.dumps(report, indent=1))
