@@ -15,8 +15,8 @@ Further stages do the same again on the corrected logits: the features computed 
 lesion's mean, the surroundings' shell, the signed distance) are closer to the truth than the network's.
 
 The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py). A model root
-asks for it in its manifest: `"box_refinement": {"features": [...], ...}`. Indices are (z, y, x) voxels
-of the original image; spacings in mm.
+asks for it in its manifest: `"box_refinement": {"stages": [{"features": [...], ...}, ...]}`. Indices are
+(z, y, x) voxels of the original image; spacings in mm.
 """
 from __future__ import annotations
 
