@@ -39,8 +39,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="answer points with the point network alone, even where the model asks for a point "
                              "search (the bundled Lite model does: its box network on cubes around the click)")
     parser.add_argument("--disable_box_refinement", action="store_true",
-                        help="answer boxes with the box network alone, even where the model holds a box refinement "
-                             "(the bundled Lite model does: a fitted correction from the image in the box)")
+                        help="answer boxes (and, when tracking, follow-ups) with the network alone, even where the "
+                             "model holds a box refinement (the bundled Lite model does: a fitted correction from the "
+                             "image in the box)")
     parser.add_argument("-npp", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-nps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--disable_progress_bar", action="store_true", help="no progress on stderr")

@@ -6,6 +6,10 @@ warped with that one deformation; a U-Net patch around each warped mask's centre
 in the later scan. A lesion whose warped mask or prediction is empty is reported as not found (the official code
 guesses a random location instead). All arrays are (z, y, x).
 
+In roi mode, when the model's manifest holds a box refinement (box_refinement.py) and its track task uses the box
+network, the U-Net's answer is refined as a box prompt's is, in the bounding box of the U-Net's own mask grown by
+TRACK_BOX_MARGIN_VOXELS: on the bundled Lite model this lifted the follow-ups' Dice from 0.65 to 0.79 (model card).
+
 `official_list_prompts` reproduces one more official quirk, off by default: wherever the official tracker reads a
 lesion from its own mask file (a list of masks, point/box prompts, every pair after the first) nnU-Net's
 preprocessing labels the voxels outside the earlier scan's body (value 0, connected to the border) -1 in that
@@ -26,12 +30,13 @@ import numpy as np
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from scipy import ndimage
 
+from .box_refinement import BoxRefiner
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor
-from .prompts import MaskPrompt, Prompt
+from .prompts import BoxPrompt, MaskPrompt, Prompt
 from .registration import make_registration
 from .registration.base import Deformation, Registration
 from .registration.zalign import z_alignment_windows
@@ -44,6 +49,9 @@ TRACKING_MODES = ("auto", "exact", "roi")
 WINDOW_MARGIN_VOXELS = 3  # context around a window on the preprocessed grid (linear interpolation needs 1)
 MAX_CACHED_SCANS = 8  # preprocessed scans (a patient's timepoints)
 MAX_CACHED_REGISTRATIONS = 32  # scan pairs x folds x mirrors
+# The box a follow-up's answer is refined in: its mask's bounding box grown by this many voxels of the scan on every
+# side (the refinement was fitted on boxes jittered by up to 2 voxels around the lesion).
+TRACK_BOX_MARGIN_VOXELS = 1
 UNET_PREFIX = "unet."
 REGISTRATION_PREFIX = "reg_net."
 
@@ -92,6 +100,15 @@ def lesion_record(lesion_id: int, timepoint: int, image: ImageVolume, mask: np.n
     return LesionAtTimepoint(lesion_id, timepoint, True, mask.astype(np.uint8), volume_ml,
                              tuple(image.index_zyx_to_lps(centre_zyx)), tuple(image.index_zyx_to_ras(centre_zyx)),
                              source, message)
+
+
+def own_box(mask_zyx: np.ndarray, region, shape_zyx) -> BoxPrompt:
+    """The bounding box (z, y, x voxels of the scan) of a mask on `region`, grown by TRACK_BOX_MARGIN_VOXELS within
+    the scan."""
+    found = np.argwhere(mask_zyx) + [r.start or 0 for r in region]
+    lo = np.maximum(found.min(axis=0) - TRACK_BOX_MARGIN_VOXELS, 0)
+    hi = np.minimum(found.max(axis=0) + 1 + TRACK_BOX_MARGIN_VOXELS, shape_zyx)
+    return BoxPrompt(tuple(map(float, lo)), tuple(map(float, hi)))
 
 
 def image_index_to_window(index_zyx, pre: PreprocessedImage) -> np.ndarray:
@@ -177,8 +194,9 @@ class Tracker:
                  segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto",
                  official_list_prompts: bool = False, cpu_bf16: bool = False, point_search: bool = True,
                  box_refinement: bool = True):
-        """`point_search` and `box_refinement` apply to baseline clicks and boxes (see Segmenter); a given
-        `segmenter` brings its own settings."""
+        """`point_search` and `box_refinement` apply to baseline clicks and boxes (see Segmenter; a given `segmenter`
+        brings its own settings); `box_refinement` also refines the follow-ups' answers in roi mode, when the model's
+        track task uses its box network."""
         check_preset(preset)
         if mode not in TRACKING_MODES:
             raise LesionLocatorError(f"Unknown tracking mode '{mode}'; use one of {TRACKING_MODES}.")
@@ -203,6 +221,7 @@ class Tracker:
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
                                                 use_tta=use_tta, mode=segmentation_mode, cpu_bf16=cpu_bf16,
                                                 point_search=point_search, box_refinement=box_refinement)
+        self.box_refiner = self._track_refiner() if box_refinement and self.mode == "roi" else None
         self._scans = BoundedCache(MAX_CACHED_SCANS)
         self._deformations = BoundedCache(MAX_CACHED_REGISTRATIONS)
         self.registrations_computed = 0
@@ -210,6 +229,14 @@ class Tracker:
     @classmethod
     def from_folder(cls, model_root: str | Path, **options) -> "Tracker":
         return cls(model_root, **options)
+
+    def _track_refiner(self) -> BoxRefiner | None:
+        """The manifest's box refinement when the track task uses the box network it was fitted for."""
+        manifest = read_model_manifest(self.model_root)
+        tasks = manifest.get("tasks", {})
+        if tasks.get("track") is None or tasks.get("track") != tasks.get("box"):
+            return None
+        return BoxRefiner.from_manifest(manifest, str(self.model_root))
 
     def _registration_for(self, requested: str | Registration, fold_weights: dict) -> Registration:
         """A given Registration object, or one made by name ('auto': the checkpoint's network if it has one,
@@ -351,6 +378,11 @@ class Tracker:
             fold_difference[tile] = logits[1] - logits[0]
             difference += fold_difference / len(self.folds)
         values, original_region = self.preprocessor.window_to_original(difference, pre)
+        if self.box_refiner is not None and np.any(values > 0):
+            check_cancel(cancel_event)
+            values, original_region = self.box_refiner.refine(
+                image.array, image.spacing_zyx, own_box(values > 0, original_region, image.shape_zyx),
+                values.astype(np.float32), original_region)
         found = np.zeros(image.shape_zyx, np.uint8)
         found[original_region] = values > 0
         return found

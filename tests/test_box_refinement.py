@@ -279,3 +279,36 @@ def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tm
     assert cli.main(base + ["--cases-per-background", "1", "--backgrounds", "body_phantom:7"]) == 2  # too few
     (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "net_point"}}))
     assert cli.main(base) == 2  # no box network to refine
+
+
+def test_own_box_is_the_mask_bounding_box_in_scan_voxels_grown_by_the_margin():
+    from LesionLocatorLib.tracking import TRACK_BOX_MARGIN_VOXELS, own_box
+
+    mask = np.zeros((6, 8, 8), bool)
+    mask[2:4, 0:3, 5:8] = True
+    region = (slice(10, 16), slice(0, 8), slice(82, 90))  # (z, y, x) voxels of a (30, 90, 90) scan
+    box = own_box(mask, region, (30, 90, 90))
+    assert TRACK_BOX_MARGIN_VOXELS == 1
+    assert box.lo_zyx == (11.0, 0.0, 86.0) and box.hi_zyx == (15.0, 4.0, 90.0)  # clipped at the scan's edges
+
+
+def test_tracker_refines_follow_ups_only_when_the_track_task_uses_the_box_network(lite_root, tmp_path):
+    from LesionLocatorLib.tracking import Tracker
+
+    root = tmp_path / "model"
+    shutil.copytree(lite_root, root)
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    # a refiner that calls everything it reaches background
+    manifest["box_refinement"] = refiner_using("logit", output=0.0, bias=-50.0).manifest_entry()
+    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    image, truth = ball_image(7.0)
+    follow_up, _ = ball_image(7.0, seed=1)
+    options = dict(device="cpu", registration="classical", point_search=False)
+    refining = Tracker.from_folder(root, **options)
+    plain = Tracker.from_folder(root, box_refinement=False, **options)
+    assert refining.box_refiner is not None and plain.box_refiner is None
+    assert plain.track_step(image, follow_up, {1: truth})[1].found
+    assert not refining.track_step(image, follow_up, {1: truth})[1].found
+    manifest["tasks"]["track"] = "net_point"  # the refinement was fitted for the box network's answers
+    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    assert Tracker.from_folder(root, **options).box_refiner is None

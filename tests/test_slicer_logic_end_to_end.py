@@ -172,3 +172,16 @@ def test_point_search_setting_follows_the_model_and_rebuilds_the_segmenter():
     assert plain is not searching and plain.point_search is None
     settings.pointSearch = True
     assert engines.segmenter(TINY_MODEL, settings).point_search is None  # official layout: no manifest, no search
+
+
+def test_box_refinement_setting_reaches_the_segmenter_and_the_tracker():
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+    from LesionLocatorSlicer.logic import EngineSettings
+
+    engines = EngineCache()
+    settings = EngineSettings(device="cpu", preset="fast", registration="classical")
+    refining = engines.tracker(BUNDLED_LITE_DIR, settings)  # the bundled Lite model tracks with its box network
+    assert refining.box_refiner is not None and refining.segmenter.box_refiner is not None
+    settings.boxRefinement = False
+    plain = engines.tracker(BUNDLED_LITE_DIR, settings)
+    assert plain is not refining and plain.box_refiner is None and plain.segmenter.box_refiner is None

@@ -167,7 +167,8 @@ class EngineCache:
             segmenter = self.segmenter(modelRoot, settings)  # shared: one copy of the segmentation weights
             self._tracker = (key, Tracker.from_folder(modelRoot, device=settings.device, preset=settings.preset,
                                                       registration=settings.registration, segmenter=segmenter,
-                                                      cpu_bf16=settings.cpuBfloat16))
+                                                      cpu_bf16=settings.cpuBfloat16,
+                                                      box_refinement=settings.boxRefinement))
         return self._tracker[1]
 
 
