@@ -223,15 +223,20 @@ def test_fit_refiner_learns_to_undo_box_filling():
         image.array, SPACING_ZYX, box, *filled_box_logits(box))), truth), abs=1e-9)
 
 
-def test_segmenter_refines_boxes_and_search_cubes_only_and_can_be_told_not_to(lite_root, tmp_path):
-    from LesionLocatorLib.segmentation import Segmenter
-
+def with_blanking_refiner(lite_root, tmp_path):
+    """A copy of the bundled model whose refinement calls everything it reaches background, and its manifest."""
     root = tmp_path / "model"
     shutil.copytree(lite_root, root)
     manifest = json.loads((root / MODEL_MANIFEST).read_text())
-    # a refiner that calls everything it reaches background
     manifest["box_refinement"] = refiner_using("logit", output=0.0, bias=-50.0).manifest_entry()
     (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    return root, manifest
+
+
+def test_segmenter_refines_boxes_and_search_cubes_only_and_can_be_told_not_to(lite_root, tmp_path):
+    from LesionLocatorLib.segmentation import Segmenter
+
+    root, _ = with_blanking_refiner(lite_root, tmp_path)
     image, truth = ball_image(7.0)
     box = loose_box(truth, 1.0)
     refining = Segmenter.from_folder(root, device="cpu", point_search=False)
@@ -295,12 +300,7 @@ def test_own_box_is_the_mask_bounding_box_in_scan_voxels_grown_by_the_margin():
 def test_tracker_refines_follow_ups_only_when_the_track_task_uses_the_box_network(lite_root, tmp_path):
     from LesionLocatorLib.tracking import Tracker
 
-    root = tmp_path / "model"
-    shutil.copytree(lite_root, root)
-    manifest = json.loads((root / MODEL_MANIFEST).read_text())
-    # a refiner that calls everything it reaches background
-    manifest["box_refinement"] = refiner_using("logit", output=0.0, bias=-50.0).manifest_entry()
-    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    root, manifest = with_blanking_refiner(lite_root, tmp_path)
     image, truth = ball_image(7.0)
     follow_up, _ = ball_image(7.0, seed=1)
     options = dict(device="cpu", registration="classical", point_search=False)
