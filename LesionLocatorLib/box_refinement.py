@@ -82,10 +82,9 @@ class BoxRefiner:
         """The refined logits (foreground minus background) on a region that covers `region` and the box's
         surroundings; background outside it."""
         crop, logits, features, reach = box_features(image_zyx, spacing_zyx, box, score, region)
+        refined = self.refine_crop(image_zyx[crop], logits, *box_in_crop(box, crop), spacing_zyx, features[reach],
+                                   reach)
         lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
-        box_lo, box_hi = box_voxels(box)
-        refined = self.refine_crop(image_zyx[crop], logits, box_lo - lo, box_hi - lo, spacing_zyx,
-                                   features[reach], reach)
         offset = np.asarray([r.start or 0 for r in region], int)
         union_lo = np.minimum(lo, offset)
         union_hi = np.maximum(hi, offset + np.asarray(score.shape))
@@ -117,6 +116,13 @@ def box_voxels(box: BoxPrompt) -> tuple[np.ndarray, np.ndarray]:
     return np.floor(np.asarray(box.lo_zyx)).astype(int), np.ceil(np.asarray(box.hi_zyx)).astype(int)
 
 
+def box_in_crop(box: BoxPrompt, crop: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The half-open voxel box (box_voxels) in the voxels of its crop (z, y, x)."""
+    start = np.asarray([s.start for s in crop])
+    lo, hi = box_voxels(box)
+    return lo - start, hi - start
+
+
 def box_crop(box: BoxPrompt, spacing_zyx, shape_zyx) -> tuple[slice, ...]:
     """The box plus CONTEXT_MM on every side, within the image."""
     lo, hi = box_voxels(box)
@@ -132,8 +138,7 @@ def box_features(image_zyx: np.ndarray, spacing_zyx, box: BoxPrompt, score: np.n
     lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
     offset = np.asarray([r.start or 0 for r in region], int)
     logits = crop_placed(score.astype(np.float32), offset, lo, hi, np.float32(OUTSIDE_LOGIT))
-    box_lo, box_hi = box_voxels(box)
-    features, reach = refinement_features(image_zyx[crop], logits, box_lo - lo, box_hi - lo, spacing_zyx)
+    features, reach = refinement_features(image_zyx[crop], logits, *box_in_crop(box, crop), spacing_zyx)
     return crop, logits, features, reach
 
 

@@ -379,13 +379,15 @@ class Tracker:
             fold_difference[tile] = logits[1] - logits[0]
             difference += fold_difference / len(self.folds)
         values, original_region = self.preprocessor.window_to_original(difference, pre)
-        if self.box_refiner is not None and np.any(values > 0):
+        mask = values > 0
+        if self.box_refiner is not None and mask.any():
             check_cancel(cancel_event)
             values, original_region = self.box_refiner.refine(
-                image.array, image.spacing_zyx, own_box(values > 0, original_region, image.shape_zyx),
+                image.array, image.spacing_zyx, own_box(mask, original_region, image.shape_zyx),
                 values.astype(np.float32), original_region)
+            mask = values > 0
         found = np.zeros(image.shape_zyx, np.uint8)
-        found[original_region] = values > 0
+        found[original_region] = mask
         return found
 
     def _masks_in_preprocessed_space(self, masks: dict[int, np.ndarray], scan: TrackScan) -> dict[int, np.ndarray]:

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..box_refinement import (FEATURES, MANIFEST_KEY, BoxRefiner, box_features, box_voxels, correct,
+from ..box_refinement import (FEATURES, MANIFEST_KEY, BoxRefiner, box_features, box_in_crop, correct,
                               refinement_features)
 from ..errors import LesionLocatorError
 from ..image import ImageVolume
@@ -77,10 +77,8 @@ def make_example(segmenter, image: ImageVolume, truth_zyx: np.ndarray, box: BoxP
     predicted[crop], truth_outside = False, truth.copy()
     truth_outside[crop] = False
     outside = (int(predicted.sum()), int(truth_outside.sum()), int((predicted & truth_outside).sum()))
-    lo = np.asarray([s.start for s in crop])
-    box_lo, box_hi = box_voxels(box)
     return RefinementExample(reach, features[reach], logits, truth[crop].copy(), outside,
-                             image.array[crop].astype(np.float32), box_lo - lo, box_hi - lo,
+                             image.array[crop].astype(np.float32), *box_in_crop(box, crop),
                              tuple(map(float, image.spacing_zyx)))
 
 
