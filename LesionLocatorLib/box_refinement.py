@@ -12,10 +12,12 @@ lesion), lightly smoothed and raw, and the raw fraction's minimum and maximum ov
 lesion's contrast to the image noise, which says how far the fractions can be trusted. A TanhLayer (fitted by
 `lesionlocator fit-box-refinement` on synthetic lesions of training backgrounds) adds a correction to the logit.
 Further stages do the same again on the corrected logits: the features computed from the corrected mask (the
-lesion's mean, the surroundings' shell, the signed distance) are closer to the truth than the network's.
+lesion's mean, the surroundings' shell, the signed distance) are closer to the truth than the network's. A stage may
+also be a ConvStage (conv_stage.py), which corrects each voxel from the features of its 5x5x5 neighbourhood.
 
 The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py). A model root
-asks for it in its manifest: `"box_refinement": {"stages": [{"features": [...], ...}, ...]}`. Indices are
+asks for it in its manifest: `"box_refinement": {"stages": [{"features": [...], ...}, ...]}` (a convolutional stage's
+entry has `"kind": "conv"`). Indices are
 (z, y, x) voxels of the original image; spacings in mm.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from . import conv_stage
+from .conv_stage import ConvStage
 from .errors import CheckpointError
 from .point_search import OUTSIDE_LOGIT, crop_placed, sigmoid, slices_between
 from .prompts import BoxPrompt
@@ -57,7 +61,7 @@ CONTRAST_LIMIT = 20.0
 
 @dataclass
 class BoxRefiner:
-    stages: list[TanhLayer]  # each corrects the logits that the one before it left
+    stages: list[TanhLayer | ConvStage]  # each corrects the logits that the one before it left
 
     @classmethod
     def from_manifest(cls, manifest: dict, where: str = "the model manifest") -> "BoxRefiner | None":
@@ -71,11 +75,10 @@ class BoxRefiner:
         stages = entry.get("stages") if isinstance(entry, dict) and "stages" in entry else [entry]
         if not isinstance(stages, list) or not stages:
             raise CheckpointError(f"{what}: 'stages' must be a non-empty list of fitted stages. {fix}")
-        return cls([TanhLayer.from_entry(stage, FEATURES, f"{what} (stage {number})", fix)
-                    for number, stage in enumerate(stages, 1)])
+        return cls([_stage_from_entry(stage, f"{what} (stage {number})", fix) for number, stage in enumerate(stages, 1)])
 
     def manifest_entry(self) -> dict:
-        return {"stages": [layer.manifest_entry(FEATURES) for layer in self.stages]}
+        return {"stages": [stage.manifest_entry(FEATURES) for stage in self.stages]}
 
     def refine(self, image_zyx: np.ndarray, spacing_zyx, box: BoxPrompt, score: np.ndarray,
                region: tuple[slice, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -98,17 +101,33 @@ class BoxRefiner:
         """The logits on a box's crop after every stage; `first_features` are the first stage's on `reach`
         (refinement_features of the network's logits), the others are computed here."""
         refined = logits_zyx.copy()
-        features = first_features
-        for number, layer in enumerate(self.stages):
-            if number:
-                features = refinement_features(image_zyx, refined, box_lo_zyx, box_hi_zyx, spacing_zyx)[0][reach]
-            refined[reach] = correct(layer, features)
+        for number, stage in enumerate(self.stages):
+            if number == 0 and isinstance(stage, TanhLayer):
+                refined[reach] = correct(stage, first_features)
+            else:
+                maps = refinement_features(image_zyx, refined, box_lo_zyx, box_hi_zyx, spacing_zyx)[0]
+                refined[reach] = correct(stage, maps[reach], maps, reach)
         return refined
 
 
-def correct(layer: TanhLayer, features: np.ndarray) -> np.ndarray:
-    """Corrected logits from (voxels, FEATURES): the (clipped) logit the stage was given plus its correction."""
-    return (features[:, 0] + layer.outputs(features)).astype(np.float32)
+def correct(stage: TanhLayer | ConvStage, features: np.ndarray, maps: np.ndarray | None = None,
+            reach: np.ndarray | None = None) -> np.ndarray:
+    """Corrected logits from (voxels, FEATURES): the (clipped) logit the stage was given plus its correction. A
+    ConvStage also needs the feature maps (z, y, x, FEATURES) that `features` were taken from at `reach`."""
+    if isinstance(stage, ConvStage):
+        correction = stage.outputs(maps, reach)
+    else:
+        correction = stage.outputs(features)
+    return (features[:, 0] + correction).astype(np.float32)
+
+
+def _stage_from_entry(entry, what: str, fix: str) -> TanhLayer | ConvStage:
+    if isinstance(entry, dict) and entry.get("kind", "tanh") == conv_stage.KIND:
+        return ConvStage.from_entry(entry, FEATURES, what, fix)
+    if isinstance(entry, dict) and entry.get("kind", "tanh") != "tanh":
+        raise CheckpointError(f"{what} has an unknown kind {entry.get('kind')!r} (this version knows 'tanh' and "
+                              f"'{conv_stage.KIND}'). {fix}")
+    return TanhLayer.from_entry(entry, FEATURES, what, fix)
 
 
 def box_voxels(box: BoxPrompt) -> tuple[np.ndarray, np.ndarray]:

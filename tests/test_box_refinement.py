@@ -1,6 +1,6 @@
 """Box refinement: its features on a box's crop ((z, y, x) voxels, anisotropic spacing), what a refiner changes and
-what it leaves, the manifest entry, the Segmenter refining boxes only, fitting that learns, and the
-`fit-box-refinement` command."""
+what it leaves, the manifest entry, the convolutional stage's neighbourhood, the Segmenter refining boxes only, fitting
+that learns, and the `fit-box-refinement` command."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage
 
 from LesionLocatorLib.box_refinement import FEATURES, BoxRefiner, box_crop, refinement_features
+from LesionLocatorLib.conv_stage import HALO_VOXELS, ConvStage
 from LesionLocatorLib.errors import CheckpointError
 from LesionLocatorLib.image import ImageVolume
 from LesionLocatorLib.models.layout import MODEL_MANIFEST
@@ -194,6 +195,64 @@ def test_a_second_stage_corrects_what_the_first_left():
     assert (two & ~one).sum() > 0.5 * (ndimage.binary_dilation(one) & ~one).sum()
 
 
+def shifting_conv_stage(feature: str, offset_zyx=(1, 0, 0), scale: float = 0.01) -> ConvStage:
+    """A ConvStage whose output at a voxel is about the feature at the voxel `offset_zyx` (each -1, 0 or 1) away:
+    small values keep both tanh layers linear."""
+    count, hidden = len(FEATURES), 2
+    first = np.zeros((hidden, count, 3, 3, 3))
+    first[0, FEATURES.index(feature)][tuple(1 + np.asarray(offset_zyx))] = scale
+    second = np.zeros((hidden, hidden, 3, 3, 3))
+    second[0, 0, 1, 1, 1] = 1.0
+    last = np.zeros((1, hidden, 1, 1, 1))
+    last[0, 0] = 1.0 / scale
+    return ConvStage(np.zeros(count), np.ones(count), [first, second, last], [np.zeros(hidden), np.zeros(hidden),
+                                                                                np.zeros(1)])
+
+
+def test_conv_stage_reads_the_neighbour_in_zyx_and_computes_only_around_where_asked():
+    rng = np.random.default_rng(3)
+    maps = rng.uniform(-1, 1, (9, 10, 11, len(FEATURES))).astype(np.float32)
+    where = np.zeros(maps.shape[:3], bool)
+    where[3:6, 2:5, 6:9] = True
+    stage = shifting_conv_stage("gradient", (1, 0, -1))
+    outputs = stage.outputs(maps, where)
+    expected = maps[4:7, 2:5, 5:8, FEATURES.index("gradient")][where[3:6, 2:5, 6:9]]
+    assert np.allclose(outputs, expected, atol=2e-3)
+    # computing on the bounding box and HALO_VOXELS around it gives what the whole maps give, at the maps' edges too
+    edge = np.zeros_like(where)
+    edge[0, :2, 9:] = True
+    whole = stage.outputs(maps, np.ones_like(where)).reshape(where.shape)
+    assert HALO_VOXELS == 2
+    assert np.allclose(stage.outputs(maps, edge), whole[edge], atol=1e-6)
+    assert np.allclose(stage.outputs(maps, where), whole[where], atol=1e-6)
+    assert stage.outputs(maps, np.zeros_like(where)).shape == (0,)
+
+
+def test_a_conv_stage_entry_round_trips_and_bad_ones_say_how_to_fix_them():
+    first = refiner_using("likelihood_ratio_refit", threshold=2.5)
+    refiner = BoxRefiner(first.stages + [shifting_conv_stage("logit")])
+    entry = json.loads(json.dumps(refiner.manifest_entry()))
+    assert [stage.get("kind", "tanh") for stage in entry["stages"]] == ["tanh", "conv"]
+    loaded = BoxRefiner.from_manifest({"box_refinement": entry})
+    assert isinstance(loaded.stages[1], ConvStage)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.stages[1].kernels, refiner.stages[1].kernels))
+    image, truth = ball_image(6.0)
+    box = loose_box(truth, 3.0)
+    score, region = filled_box_logits(box)
+    assert np.array_equal(in_grid(*loaded.refine(image.array, SPACING_ZYX, box, score, region)),
+                          in_grid(*refiner.refine(image.array, SPACING_ZYX, box, score, region)))
+    conv = entry["stages"][1]
+    for broken, message in (({**conv, "kind": "transformer"}, "unknown kind"),
+                            ({**conv, "features": ["logit"]}, "not fitted on this version"),
+                            ({k: v for k, v in conv.items() if k != "kernels"}, "incomplete"),
+                            ({**conv, "kernels": conv["kernels"][:2]}, "bad arrays"),
+                            ({**conv, "biases": [[0.0], [0.0, 0.0], [0.0]]}, "bad arrays"),
+                            ({**conv, "feature_scale": [0.0] * len(FEATURES)}, "bad arrays")):
+        with pytest.raises(CheckpointError, match=message) as error:
+            BoxRefiner.from_manifest({"box_refinement": {"stages": [entry["stages"][0], broken]}}, "model X")
+        assert "fit-box-refinement" in str(error.value) and r"stage 2" in str(error.value)
+
+
 class FillingSegmenter:
     """Stands for a box network that fills every box it is given."""
 
@@ -210,11 +269,18 @@ def test_fit_refiner_learns_to_undo_box_filling():
         radius = rng.uniform(4, 8)
         image, truth = ball_image(radius, (15 + rng.uniform(-3, 3), 45 + rng.uniform(-9, 9), 45), seed)
         examples.append(make_example(FillingSegmenter(), image, truth, loose_box(truth, rng.uniform(1, 5))))
-    refiner = fit_refiner(examples[:10], hidden=4, steps=300, voxels_per_lesion=800)
-    assert len(refiner.stages) == 2
+    refiner = fit_refiner(examples[:10], hidden=4, steps=300, voxels_per_lesion=800, conv_hidden=4, conv_epochs=4)
+    assert [type(stage) for stage in refiner.stages] == [TanhLayer, TanhLayer, ConvStage]
     network = np.mean([e.dice(None) for e in examples[10:]])
     refined = np.mean([e.dice(refiner) for e in examples[10:]])
     assert network < 0.7 and refined > network + 0.15
+    # a convolutional stage alone learns it too, from each voxel's neighbourhood
+    conv_only = fit_refiner(examples[:10], stages=0, conv_hidden=4, conv_epochs=20, conv_lr=0.03)
+    assert [type(stage) for stage in conv_only.stages] == [ConvStage]
+    assert np.mean([e.dice(conv_only) for e in examples[10:]]) > network + 0.1
+    # kept stages stay as they are; what follows is fitted on their output
+    kept = fit_refiner(examples[:10], stages=0, kept=refiner.stages[:2], conv_hidden=4, conv_epochs=4)
+    assert kept.stages[:2] == refiner.stages[:2] and isinstance(kept.stages[2], ConvStage)
     # what the fitting scores is what the Segmenter's refinement gives on the whole image
     image, truth = ball_image(6.5, (16.0, 40.0, 47.0), 99)
     box = loose_box(truth, 3.0)
@@ -268,20 +334,36 @@ def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tm
     with pytest.raises(CheckpointError, match="fit-box-refinement"):
         Segmenter.from_folder(root, device="cpu")
     base = ["fit-box-refinement", "-m", str(root), "--backgrounds", "body_phantom:7", "head_phantom:8",
-            "--cases-per-background", "2", "--steps", "20", "--hidden", "2", "--voxels-per-lesion", "200"]
-    assert cli.main(base + ["--dry-run"]) == 0
+            "--cases-per-background", "2", "--steps", "20", "--hidden", "2", "--voxels-per-lesion", "200",
+            "--conv-epochs", "1", "--conv-hidden", "2", "--folds", "0"]
+    assert cli.main(base + ["--dry-run", "--folds", "2"]) == 0
+    assert "refined_cross_validated" in capsys.readouterr().out
     assert (root / MODEL_MANIFEST).read_text() == before  # a dry run writes nothing
-    capsys.readouterr()
     assert cli.main(base) == 0
-    assert len(Segmenter.from_folder(root, device="cpu").box_refiner.stages) == 2
+    stages = Segmenter.from_folder(root, device="cpu").box_refiner.stages
+    assert [type(stage) for stage in stages] == [TanhLayer, TanhLayer, ConvStage]
     assert "fit-point-search" in capsys.readouterr().err  # the bundled selector was fitted on unrefined cubes
     first = (root / MODEL_MANIFEST).read_text()
-    assert cli.main(base + ["--hidden", "3", "--stages", "1"]) == 0  # a second fit keeps the manifest it replaces
+    assert cli.main(base + ["--hidden", "3", "--stages", "1", "--no-conv-stage"]) == 0  # keeps the one it replaces
     assert (root / "lesionlocator_model.previous.json").read_text() == first
-    assert len(Segmenter.from_folder(root, device="cpu").box_refiner.stages) == 1
-    assert cli.main(base + ["--stages", "0"]) == 2
+    one = Segmenter.from_folder(root, device="cpu").box_refiner.stages
+    assert [type(stage) for stage in one] == [TanhLayer]
+    # --keep-stages: the manifest's per-voxel stages stay, a convolutional stage is added after them
+    capsys.readouterr()
+    assert cli.main(base + ["--keep-stages", "--stages", "0"]) == 0
+    report = capsys.readouterr().out
+    assert "kept_stages" in report and "cross_validated" not in report  # --folds 0 skips the cross-validation
+    kept = Segmenter.from_folder(root, device="cpu").box_refiner.stages
+    assert len(kept) == 2 and np.array_equal(kept[0].hidden_weight, one[0].hidden_weight)
+    assert isinstance(kept[1], ConvStage)
+    assert cli.main(base + ["--stages", "0", "--no-conv-stage"]) == 2  # nothing to fit
+    assert cli.main(base + ["--stages", "-1"]) == 2
+    assert cli.main(base + ["--conv-epochs", "0"]) == 2
+    assert cli.main(base + ["--folds", "1"]) == 2
     assert cli.main(base + ["--backgrounds", "chest_ct_dicom"]) == 2  # a validation background
     assert cli.main(base + ["--cases-per-background", "1", "--backgrounds", "body_phantom:7"]) == 2  # too few
+    (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"box": "net"}}))
+    assert cli.main(base + ["--keep-stages"]) == 2  # no refinement to keep
     (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "net_point"}}))
     assert cli.main(base) == 2  # no box network to refine
 

@@ -4,11 +4,14 @@ Every lesion of a synthetic set made on training backgrounds (never the validati
 lesion of your annotated CTs, gets a box jittered as in `lesionlocator evaluate` (each face up to 2 voxels) and the
 model's box network answers it. The refinement's features are computed on the box's surroundings, and a TanhLayer
 learns a correction of the network's logit (cross-entropy against the exact mask, every lesion weighted alike, on a
-sample of its voxels). Each further stage is fitted the same way on the logits the stages before it corrected. A
-5-fold cross-validation over lesions reports the Dice it would reach.
+sample of its voxels). Each further stage is fitted the same way on the logits the stages before it corrected, and
+a last, convolutional stage (conv_stage.py) on what they leave. A 5-fold cross-validation over lesions reports the
+Dice it would reach.
 
     lesionlocator fit-box-refinement -m MODEL_ROOT              # fit and write it into the manifest
     lesionlocator fit-box-refinement -m MODEL_ROOT --dry-run    # only report what it would gain
+    lesionlocator fit-box-refinement -m MODEL_ROOT --keep-stages --stages 0   # add a convolutional stage to the
+                                                                              # manifest's per-voxel stages
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, replace
-from itertools import chain
+from itertools import chain, takewhile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..box_refinement import (FEATURES, MANIFEST_KEY, BoxRefiner, box_features, box_in_crop, correct,
                               refinement_features)
+from ..conv_stage import HALO_VOXELS, ConvStage, fit_conv_stage
 from ..errors import LesionLocatorError
 from ..image import ImageVolume
 from ..prompts import BoxPrompt
@@ -112,16 +116,65 @@ def collect(segmenter, boxes: Iterable[tuple[ImageVolume, np.ndarray, BoxPrompt]
     return examples
 
 
-def fit_refiner(examples: list[RefinementExample], stages: int = 2, hidden: int = 16, seeds: int = 1,
-                steps: int = 1000, voxels_per_lesion: int = 2000, lr: float = 0.01, weight_decay: float = 1e-4,
-                seed: int = 0) -> BoxRefiner:
-    """`stages` layers, each fitted on the logits the ones before it corrected (fit_stage)."""
-    layers: list[TanhLayer] = []
-    for number in range(stages):
-        if number:
+def fit_refiner(examples: list[RefinementExample], stages: int = 2, conv: bool = True,
+                kept: Sequence[TanhLayer] = (), hidden: int = 16, seeds: int = 1, steps: int = 1000,
+                voxels_per_lesion: int = 2000, lr: float = 0.01, weight_decay: float = 1e-4, seed: int = 0,
+                conv_hidden: int = 16, conv_epochs: int = 4, conv_lr: float = 3e-3) -> BoxRefiner:
+    """The `kept` per-voxel stages as they are, then `stages` new ones, each fitted on the logits the ones before it
+    corrected (fit_stage), then a convolutional stage on what they all leave when `conv` (fit_conv)."""
+    layers: list[TanhLayer | ConvStage] = []
+    for _ in range(len(kept) + stages):
+        if layers:
             examples = [example.after(layers[-1]) for example in examples]
-        layers.append(fit_stage(examples, hidden, seeds, steps, voxels_per_lesion, lr, weight_decay, seed))
+        layers.append(kept[len(layers)] if len(layers) < len(kept) else
+                      fit_stage(examples, hidden, seeds, steps, voxels_per_lesion, lr, weight_decay, seed))
+    if conv:
+        layers.append(fit_conv(examples, layers[-1] if layers else None, conv_hidden, conv_epochs, conv_lr,
+                               weight_decay, seed))
     return BoxRefiner(layers)
+
+
+def fit_conv(examples: list[RefinementExample], before: TanhLayer | None, hidden: int, epochs: int, lr: float,
+             weight_decay: float, seed: int) -> ConvStage:
+    """Minimize, per lesion, the cross-entropy of the corrected logits on its reach plus one minus its soft Dice (the
+    voxels beyond the reach counted as they are), every lesion weighted alike. The examples' logits are first corrected
+    by `before` (the stage the examples were made for), when given."""
+    import torch
+
+    samples, terms = [], []
+    for example in examples:
+        maps, reach, truth, unchanged = conv_input(example, before)
+        samples.append((maps, reach))
+        terms.append((torch.from_numpy(maps[..., FEATURES.index("logit")][reach]),
+                      torch.from_numpy(truth[reach].astype(np.float32)), unchanged))
+
+    def loss(index, corrections):
+        logits, targets, (predicted, true, both) = terms[index]
+        corrected = logits + corrections
+        probability = torch.sigmoid(corrected)
+        soft_dice = 2 * ((probability * targets).sum() + both) / (
+            probability.sum() + predicted + targets.sum() + true + 1e-3)
+        return torch.nn.functional.binary_cross_entropy_with_logits(corrected, targets) + 1 - soft_dice
+
+    return fit_conv_stage(samples, loss, hidden, epochs, lr, weight_decay, seed)
+
+
+def conv_input(example: RefinementExample, before: TanhLayer | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """For the example's logits corrected by `before`: the feature maps, reach and exact mask on the part of its crop
+    that a convolutional stage reads (the reach's bounding box and HALO_VOXELS around it), and the voxels that the
+    stage leaves as they are (beyond the reach, in the crop or outside it): predicted, true, both."""
+    logits = example.logits.copy()
+    if before is not None:
+        logits[example.reach] = correct(before, example.features)
+    maps = refinement_features(example.image, logits, example.box_lo_zyx, example.box_hi_zyx, example.spacing_zyx)[0]
+    found = np.nonzero(example.reach)
+    part = tuple(slice(max(int(i.min()) - HALO_VOXELS, 0), int(i.max()) + 1 + HALO_VOXELS) for i in found)
+    beyond = ~example.reach
+    predicted, truth = (logits > 0) & beyond, example.truth & beyond
+    unchanged = tuple(int(count) + outside for count, outside in zip(
+        (predicted.sum(), truth.sum(), (predicted & truth).sum()), example.outside))
+    return maps[part], example.reach[part], example.truth[part], unchanged
 
 
 def fit_stage(examples: list[RefinementExample], hidden: int, seeds: int, steps: int, voxels_per_lesion: int,
@@ -168,6 +221,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=16, help="hidden units per stage")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--voxels-per-lesion", type=int, default=2000, help="voxels sampled from each lesion's box")
+    parser.add_argument("--conv-stage", action=argparse.BooleanOptionalAction, default=True,
+                        help="end with a convolutional stage, which sees each voxel's 5x5x5 neighbourhood")
+    parser.add_argument("--conv-epochs", type=int, default=4, help="passes over the lesions for that stage")
+    parser.add_argument("--conv-hidden", type=int, default=16, help="channels of that stage's convolutions")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="folds of the cross-validation that reports the refined Dice (0: skip it; it fits every "
+                             "stage once per fold)")
+    parser.add_argument("--keep-stages", action="store_true",
+                        help="keep the per-voxel stages of the manifest's refinement and fit only what comes after "
+                             "them (--stages more, and the convolutional stage)")
+
+
+def kept_stages(manifest: dict, root) -> list[TanhLayer]:
+    """The per-voxel stages that begin the manifest's refinement (a convolutional stage after them is fitted
+    again)."""
+    refiner = BoxRefiner.from_manifest(manifest, f"{root}'s manifest")
+    kept = [] if refiner is None else list(takewhile(lambda stage: isinstance(stage, TanhLayer), refiner.stages))
+    if not kept:
+        raise LesionLocatorError(f"--keep-stages: {root}'s manifest has no fitted per-voxel box refinement stages to "
+                                 "keep; run `lesionlocator fit-box-refinement` without --keep-stages.")
+    return kept
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,13 +249,19 @@ def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
 
-    if args.stages < 1:  # before minutes of boxes
-        raise LesionLocatorError(f"--stages must be at least 1; got {args.stages}.")
+    if args.stages < 0 or (args.stages == 0 and not args.conv_stage):  # before minutes of boxes
+        raise LesionLocatorError(f"--stages must be at least 1, or 0 with the convolutional stage; got {args.stages}"
+                                 f"{'' if args.conv_stage else ' and --no-conv-stage'}.")
+    if args.conv_epochs < 1 or args.conv_hidden < 1:
+        raise LesionLocatorError("--conv-epochs and --conv-hidden must be at least 1.")
+    if args.folds == 1 or args.folds < 0:
+        raise LesionLocatorError(f"--folds must be 0 (no cross-validation) or at least 2; got {args.folds}.")
     root = resolve_model_root(args.model)
     manifest = read_model_manifest(root)
     if "box" not in manifest.get("tasks", {}):
         raise LesionLocatorError(f"{root}'s manifest maps no 'box' task to a network; the refinement corrects the "
                                  "box network's answers.")
+    kept = kept_stages(manifest, root) if args.keep_stages else []
     # the box network alone: an entry of an earlier version's features, which this fit replaces, must not stop it
     segmenter = Segmenter(root, device=args.device, preset="fast", box_refinement=False)
     boxes: Iterable = synthetic_boxes(synthetic_cases(args))
@@ -192,9 +272,14 @@ def run(args: argparse.Namespace) -> int:
     if len(examples) < MIN_LESIONS:
         raise LesionLocatorError(f"only {len(examples)} lesions to fit on; use at least {MIN_LESIONS} (more "
                                  "--cases-per-background or --backgrounds, or --own-data).")
-    options = dict(stages=args.stages, hidden=args.hidden, steps=args.steps, voxels_per_lesion=args.voxels_per_lesion)
-    report = {"lesions": len(examples), "box_network": float(np.mean([e.dice(None) for e in examples])),
-              "refined_cross_validated": float(cross_validated_dice(examples, **options).mean())}
+    options = dict(stages=args.stages, conv=args.conv_stage, kept=kept, hidden=args.hidden, steps=args.steps,
+                   voxels_per_lesion=args.voxels_per_lesion, conv_hidden=args.conv_hidden,
+                   conv_epochs=args.conv_epochs)
+    report = {"lesions": len(examples), "box_network": float(np.mean([e.dice(None) for e in examples]))}
+    if kept:
+        report["kept_stages"] = float(np.mean([e.dice(BoxRefiner(list(kept))) for e in examples]))
+    if args.folds:
+        report["refined_cross_validated"] = float(cross_validated_dice(examples, args.folds, **options).mean())
     print("mean Dice of box prompts on the fitting lesions:", json.dumps(report, indent=1))
     refiner = fit_refiner(examples, **options)
     if args.dry_run:
