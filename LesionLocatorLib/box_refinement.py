@@ -15,7 +15,8 @@ Further stages do the same again on the corrected logits: the features computed 
 lesion's mean, the surroundings' shell, the signed distance) are closer to the truth than the network's. A stage may
 also be a ConvStage (conv_stage.py), which corrects each voxel from the features of its 5x5x5 neighbourhood.
 
-The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py). A model root
+The Segmenter refines the answers to box prompts and to the point search's cubes (point_search.py; the cubes by the
+per-voxel stages, the kept cube then by a convolutional stage, see BoxRefiner.split_at_conv). A model root
 asks for it in its manifest: `"box_refinement": {"stages": [{"features": [...], ...}, ...]}` (a convolutional stage's
 entry has `"kind": "conv"`). Indices are
 (z, y, x) voxels of the original image; spacings in mm.
@@ -79,6 +80,15 @@ class BoxRefiner:
 
     def manifest_entry(self) -> dict:
         return {"stages": [stage.manifest_entry(FEATURES) for stage in self.stages]}
+
+    def split_at_conv(self) -> tuple["BoxRefiner", "BoxRefiner | None"]:
+        """The per-voxel stages that begin this refinement, and the stages from its first convolutional one on (None
+        when there are none after per-voxel ones). The point search refines all its cubes with the first part and the
+        kept cube with the rest: the kept cube gets the whole refinement for one convolutional pass, not six."""
+        first = next((n for n, stage in enumerate(self.stages) if isinstance(stage, ConvStage)), len(self.stages))
+        if first in (0, len(self.stages)):
+            return self, None
+        return BoxRefiner(self.stages[:first]), BoxRefiner(self.stages[first:])
 
     def refine(self, image_zyx: np.ndarray, spacing_zyx, box: BoxPrompt, score: np.ndarray,
                region: tuple[slice, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:

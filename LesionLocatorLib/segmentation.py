@@ -126,6 +126,9 @@ class Segmenter:
         manifest = read_model_manifest(self.model_root)
         self.point_search = PointSearch.from_manifest(manifest, str(self.model_root)) if point_search else None
         self.box_refiner = BoxRefiner.from_manifest(manifest, str(self.model_root)) if box_refinement else None
+        # the point search's cubes get the per-voxel stages; only the kept cube gets the convolutional one
+        self._cube_refiner, self._kept_cube_refiner = (
+            self.box_refiner.split_at_conv() if self.box_refiner is not None else (None, None))
 
     @classmethod
     def from_folder(cls, model_root: str | Path, **options) -> "Segmenter":
@@ -182,7 +185,7 @@ class Segmenter:
             return self._search_point(image, prompt, cache, cancel_event)
         score, region = self._predict_one(image, prompt, cache, cancel_event)
         if isinstance(prompt, BoxPrompt):
-            return self._refine_box(image, prompt, score, region, cancel_event)
+            return self._refine_box(image, prompt, score, region, cancel_event, self.box_refiner)
         return score, region
 
     def network_answer(self, image: ImageVolume, prompt: Prompt, cancel_event=None) -> tuple[np.ndarray, Region]:
@@ -195,13 +198,16 @@ class Segmenter:
         """The candidate that the point search keeps (see point_search.py)."""
         candidates = self.point_candidates(image, prompt, cache, cancel_event)
         kept = candidates[self.point_search.choose(image.array, image.spacing_zyx, candidates)]
+        if isinstance(kept.prompt, BoxPrompt):
+            return self._refine_box(image, kept.prompt, kept.score, kept.region, cancel_event, self._kept_cube_refiner)
         return kept.score, kept.region
 
     def point_candidates(self, image: ImageVolume, prompt: PointPrompt, cache: dict | None = None,
                          cancel_event=None) -> list[Candidate]:
         """The point network's answer and the box network's on each cube of the point search around the click
-        (refined as boxes are, when the model has a box refinement and it is on). Each cube fits one patch of the
-        box network, and in roi mode all cubes share one preprocessed window."""
+        (refined by the per-voxel stages of the box refinement, when the model has one and it is on; the kept cube
+        gets the rest in _search_point). Each cube fits one patch of the box network, and in roi mode all cubes share
+        one preprocessed window."""
         if self.point_search is None:
             raise LesionLocatorError("This Segmenter has no point search (the model root asks for none, or it was "
                                      "made with point_search=False).")
@@ -217,15 +223,17 @@ class Segmenter:
             shared = box_model.preprocessor.preprocess_window(image, union)
         candidates = [Candidate(prompt, *self._predict_one(image, prompt, cache, cancel_event))]
         for box, (score, region) in zip(boxes, self._predict_many(image, boxes, cache, cancel_event, shared)):
-            candidates.append(Candidate(box, *self._refine_box(image, box, score, region, cancel_event)))
+            candidates.append(Candidate(box, *self._refine_box(image, box, score, region, cancel_event,
+                                                               self._cube_refiner)))
         return candidates
 
     def _refine_box(self, image: ImageVolume, box: BoxPrompt, score: np.ndarray, region: Region,
-                    cancel_event) -> tuple[np.ndarray, Region]:
-        if self.box_refiner is None:
+                    cancel_event, refiner: BoxRefiner | None) -> tuple[np.ndarray, Region]:
+        """The answer to `box` refined by `refiner` (the box refinement or a part of it), unless it is None."""
+        if refiner is None:
             return score, region
         check_cancel(cancel_event)  # the refinement takes up to half a second on a large box
-        return self.box_refiner.refine(image.array, image.spacing_zyx, box, score, region)
+        return refiner.refine(image.array, image.spacing_zyx, box, score, region)
 
     def _predict_one(self, image: ImageVolume, prompt: Prompt, cache: dict, cancel_event,
                      pre: PreprocessedImage | None = None) -> tuple[np.ndarray, Region]:

@@ -235,6 +235,9 @@ def test_a_conv_stage_entry_round_trips_and_bad_ones_say_how_to_fix_them():
     assert [stage.get("kind", "tanh") for stage in entry["stages"]] == ["tanh", "conv"]
     loaded = BoxRefiner.from_manifest({"box_refinement": entry})
     assert isinstance(loaded.stages[1], ConvStage)
+    per_voxel, rest = loaded.split_at_conv()
+    assert per_voxel.stages == loaded.stages[:1] and rest.stages == loaded.stages[1:]
+    assert first.split_at_conv() == (first, None)
     assert all(np.array_equal(a, b) for a, b in zip(loaded.stages[1].kernels, refiner.stages[1].kernels))
     image, truth = ball_image(6.0)
     box = loose_box(truth, 3.0)
@@ -319,6 +322,34 @@ def test_segmenter_refines_boxes_and_search_cubes_only_and_can_be_told_not_to(li
     assert [c.mask.sum() == 0 for c in refined[1:]] == [True] * (len(refined) - 1)
     assert all(c.mask.any() for c in unrefined[1:])
     assert np.array_equal(refined[0].score, unrefined[0].score)
+
+
+def test_point_search_refines_cubes_per_voxel_and_only_the_kept_cube_by_the_conv_stage(lite_root, tmp_path):
+    from LesionLocatorLib.segmentation import Segmenter
+
+    root = tmp_path / "model"
+    shutil.copytree(lite_root, root)
+    manifest = json.loads((root / MODEL_MANIFEST).read_text())
+    per_voxel = refiner_using("likelihood_ratio_refit", threshold=2.5)
+    whole = BoxRefiner(per_voxel.stages + [shifting_conv_stage("logit", (1, 0, 0))])  # moves masks one slice
+    manifest["box_refinement"] = whole.manifest_entry()
+    (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    image, truth = ball_image(7.0)
+    click = PointPrompt((15.0, 45.0, 45.0))
+    segmenter = Segmenter.from_folder(root, device="cpu")
+    candidates = segmenter.point_candidates(image, click)
+    kept = candidates[segmenter.point_search.choose(image.array, SPACING_ZYX, candidates)]
+    assert isinstance(kept.prompt, BoxPrompt)
+    network = segmenter.network_answer(image, kept.prompt)
+    assert np.array_equal(in_grid(kept.score, kept.region),
+                          in_grid(*per_voxel.refine(image.array, SPACING_ZYX, kept.prompt, *network)))
+    expected = in_grid(*whole.refine(image.array, SPACING_ZYX, kept.prompt, *network))
+    assert not np.array_equal(expected, in_grid(kept.score, kept.region))
+    assert np.array_equal(segmenter.segment(image, {1: click}).masks[1].astype(bool), expected)
+    # a box prompt gets the whole refinement
+    box = loose_box(truth, 2.0)
+    assert np.array_equal(segmenter.segment(image, {1: box}).masks[1].astype(bool),
+                          in_grid(*whole.refine(image.array, SPACING_ZYX, box, *segmenter.network_answer(image, box))))
 
 
 def test_fit_box_refinement_command_writes_a_refinement_that_loads(lite_root, tmp_path, capsys):
