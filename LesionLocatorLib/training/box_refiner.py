@@ -217,7 +217,8 @@ def cross_validated_dice(examples: list[RefinementExample], folds: int = 5, **fi
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, "box refinement")
     parser.add_argument("--stages", type=int, default=2,
-                        help="stages, each fitted on the logits the ones before it corrected (each adds minutes)")
+                        help="per-voxel stages, each fitted on the logits the ones before it corrected (each adds "
+                             "minutes)")
     parser.add_argument("--hidden", type=int, default=16, help="hidden units per stage")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--voxels-per-lesion", type=int, default=2000, help="voxels sampled from each lesion's box")
