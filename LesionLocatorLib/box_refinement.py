@@ -96,7 +96,7 @@ class BoxRefiner:
         surroundings; background outside it."""
         crop, logits, features, reach = box_features(image_zyx, spacing_zyx, box, score, region)
         refined = self.refine_crop(image_zyx[crop], logits, *box_in_crop(box, crop), spacing_zyx, features[reach],
-                                   reach)
+                                   reach, first_maps=features)
         lo, hi = np.asarray([s.start for s in crop]), np.asarray([s.stop for s in crop])
         offset = np.asarray([r.start or 0 for r in region], int)
         union_lo = np.minimum(lo, offset)
@@ -107,16 +107,19 @@ class BoxRefiner:
         return out, slices_between(union_lo, union_hi)
 
     def refine_crop(self, image_zyx: np.ndarray, logits_zyx: np.ndarray, box_lo_zyx, box_hi_zyx, spacing_zyx,
-                    first_features: np.ndarray, reach: np.ndarray) -> np.ndarray:
+                    first_features: np.ndarray, reach: np.ndarray, first_maps: np.ndarray | None = None
+                    ) -> np.ndarray:
         """The logits on a box's crop after every stage; `first_features` are the first stage's on `reach`
-        (refinement_features of the network's logits), the others are computed here."""
+        (refinement_features of the given logits), `first_maps` the same on the whole crop when the caller has them
+        (a convolutional first stage reads them; they are computed otherwise), the later stages' are computed here."""
         refined = logits_zyx.copy()
         for number, stage in enumerate(self.stages):
             if number == 0 and isinstance(stage, TanhLayer):
                 refined[reach] = correct(stage, first_features)
-            else:
-                maps = refinement_features(image_zyx, refined, box_lo_zyx, box_hi_zyx, spacing_zyx)[0]
-                refined[reach] = correct(stage, maps[reach], maps, reach)
+                continue
+            maps = first_maps if number == 0 and first_maps is not None else refinement_features(
+                image_zyx, refined, box_lo_zyx, box_hi_zyx, spacing_zyx)[0]
+            refined[reach] = correct(stage, maps[reach], maps, reach)
         return refined
 
 
@@ -132,10 +135,11 @@ def correct(stage: TanhLayer | ConvStage, features: np.ndarray, maps: np.ndarray
 
 
 def _stage_from_entry(entry, what: str, fix: str) -> TanhLayer | ConvStage:
-    if isinstance(entry, dict) and entry.get("kind", "tanh") == conv_stage.KIND:
+    kind = entry.get("kind", "tanh") if isinstance(entry, dict) else "tanh"
+    if kind == conv_stage.KIND:
         return ConvStage.from_entry(entry, FEATURES, what, fix)
-    if isinstance(entry, dict) and entry.get("kind", "tanh") != "tanh":
-        raise CheckpointError(f"{what} has an unknown kind {entry.get('kind')!r} (this version knows 'tanh' and "
+    if kind != "tanh":
+        raise CheckpointError(f"{what} has an unknown kind {kind!r} (this version knows 'tanh' and "
                               f"'{conv_stage.KIND}'). {fix}")
     return TanhLayer.from_entry(entry, FEATURES, what, fix)
 

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as functional
 
 from .errors import CheckpointError
+from .point_search import slices_between
+from .prediction import inclusive_bbox
 
 KIND = "conv"
 KERNEL = 3
@@ -32,13 +36,10 @@ class ConvStage:
         """The outputs on the voxels `where_zyx` (bool, z, y, x) in their order, from feature maps (z, y, x, F). Only
         the bounding box of `where_zyx` and HALO_VOXELS around it is computed; at the maps' borders the features are
         repeated outwards."""
-        import torch
-
-        found = np.nonzero(where_zyx)
-        if not found[0].size:
+        if not where_zyx.any():
             return np.zeros(0, np.float32)
-        box = tuple(slice(max(int(i.min()) - HALO_VOXELS, 0), int(i.max()) + 1 + HALO_VOXELS) for i in found)
-        standard = (features_zyxf[box].astype(np.float32) - self.feature_mean) / self.feature_scale
+        box = halo_box(where_zyx)
+        standard = (features_zyxf[box] - self.feature_mean) / self.feature_scale
         values = torch.from_numpy(np.ascontiguousarray(np.moveaxis(standard.astype(np.float32), -1, 0)))[None]
         with torch.no_grad():
             output = _forward(values, [torch.from_numpy(k.astype(np.float32)) for k in self.kernels],
@@ -70,21 +71,29 @@ class ConvStage:
         return cls(mean, scale, kernels, biases)
 
 
+def halo_box(where_zyx: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box (z, y, x) of a non-empty mask and HALO_VOXELS around it, within the mask's array: all that a
+    ConvStage reads for the outputs on the mask."""
+    lo, hi = inclusive_bbox(where_zyx)
+    return slices_between(np.maximum(lo - HALO_VOXELS, 0), np.minimum(hi + 1 + HALO_VOXELS, where_zyx.shape))
+
+
+def _kernel_shapes(count: int, hidden: int) -> list[tuple[int, ...]]:
+    """(out, in, z, y, x) of each layer's kernel, from `count` features through `hidden` channels to one output."""
+    return [(hidden, count) + (KERNEL,) * 3, (hidden, hidden) + (KERNEL,) * 3, (1, hidden, 1, 1, 1)]
+
+
 def _shapes_fit(count: int, mean, scale, kernels, biases) -> bool:
     if mean.shape != (count,) or scale.shape != (count,) or len(kernels) != LAYERS or len(biases) != LAYERS:
         return False
     if any(k.ndim != 5 for k in kernels):
         return False
-    hidden = kernels[0].shape[0]
-    expected = [(hidden, count) + (KERNEL,) * 3, (hidden, hidden) + (KERNEL,) * 3, (1, hidden, 1, 1, 1)]
+    expected = _kernel_shapes(count, kernels[0].shape[0])
     return all(k.shape == e and b.shape == (e[0],) for k, b, e in zip(kernels, biases, expected))
 
 
 def _forward(values, kernels, biases):
     """(batch, features, z, y, x) -> (batch, 1, z, y, x); same-size outputs (edges repeated outwards)."""
-    import torch
-    import torch.nn.functional as functional
-
     for kernel, bias in zip(kernels[:-1], biases[:-1]):
         half = kernel.shape[-1] // 2
         values = torch.tanh(functional.conv3d(functional.pad(values, (half,) * 6, mode="replicate"), kernel, bias))
@@ -96,16 +105,12 @@ def fit_conv_stage(samples: Sequence[tuple[np.ndarray, np.ndarray]], loss: Calla
     """Fit a ConvStage on `samples`, each (feature maps (z, y, x, F), where (bool z, y, x)), by minimizing
     `loss(index, outputs on where)` per sample (one sample per step, samples shuffled every epoch; AdamW with a
     poly-decaying learning rate). The output layer starts at zero, so the stage starts by changing nothing."""
-    import torch
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     inside = np.concatenate([maps[where] for maps, where in samples])
     mean, scale = inside.mean(axis=0).astype(float), inside.std(axis=0).astype(float)
     scale = np.where(scale > 1e-6, scale, 1.0)  # a constant feature stays 0 after standardizing
-    count = inside.shape[-1]
-    shapes = [(hidden, count) + (KERNEL,) * 3, (hidden, hidden) + (KERNEL,) * 3, (1, hidden, 1, 1, 1)]
-    layers = [torch.nn.Conv3d(s[1], s[0], s[2]) for s in shapes]
+    layers = [torch.nn.Conv3d(s[1], s[0], s[2]) for s in _kernel_shapes(inside.shape[-1], hidden)]
     torch.nn.init.zeros_(layers[-1].weight)
     torch.nn.init.zeros_(layers[-1].bias)
     parameters = [p for layer in layers for p in layer.parameters()]

@@ -35,7 +35,7 @@ from .box_refinement import BoxRefiner
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
-from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
+from .prediction import PatchPredictor, PredictionSettings, check_cancel, inclusive_bbox, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor
 from .prompts import BoxPrompt, MaskPrompt, Prompt
 from .registration import make_registration
@@ -106,9 +106,10 @@ def lesion_record(lesion_id: int, timepoint: int, image: ImageVolume, mask: np.n
 def own_box(mask_zyx: np.ndarray, region, shape_zyx) -> BoxPrompt:
     """The bounding box (z, y, x voxels of the scan) of a mask on `region`, grown by TRACK_BOX_MARGIN_VOXELS within
     the scan."""
-    found = np.argwhere(mask_zyx) + [r.start or 0 for r in region]
-    lo = np.maximum(found.min(axis=0) - TRACK_BOX_MARGIN_VOXELS, 0)
-    hi = np.minimum(found.max(axis=0) + 1 + TRACK_BOX_MARGIN_VOXELS, shape_zyx)
+    offset = np.asarray([r.start or 0 for r in region])
+    first, last = inclusive_bbox(mask_zyx)
+    lo = np.maximum(first + offset - TRACK_BOX_MARGIN_VOXELS, 0)
+    hi = np.minimum(last + offset + 1 + TRACK_BOX_MARGIN_VOXELS, shape_zyx)
     return BoxPrompt(tuple(map(float, lo)), tuple(map(float, hi)))
 
 

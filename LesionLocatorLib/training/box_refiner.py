@@ -27,7 +27,7 @@ import numpy as np
 
 from ..box_refinement import (FEATURES, MANIFEST_KEY, BoxRefiner, box_features, box_in_crop, correct,
                               refinement_features)
-from ..conv_stage import HALO_VOXELS, ConvStage, fit_conv_stage
+from ..conv_stage import ConvStage, fit_conv_stage, halo_box
 from ..errors import LesionLocatorError
 from ..image import ImageVolume
 from ..prompts import BoxPrompt
@@ -65,10 +65,16 @@ class RefinementExample:
 
     def after(self, layer: TanhLayer) -> "RefinementExample":
         """The lesion as the next stage sees it: the logits corrected by `layer`, and the features on them."""
+        logits, maps = self.corrected(layer)
+        return replace(self, logits=logits, features=maps[self.reach])
+
+    def corrected(self, layer: TanhLayer | None) -> tuple[np.ndarray, np.ndarray]:
+        """The logits corrected by `layer` (as they are when None), and the feature maps (z, y, x, FEATURES) on
+        them over the whole crop."""
         logits = self.logits.copy()
-        logits[self.reach] = correct(layer, self.features)
-        features = refinement_features(self.image, logits, self.box_lo_zyx, self.box_hi_zyx, self.spacing_zyx)[0]
-        return replace(self, logits=logits, features=features[self.reach])
+        if layer is not None:
+            logits[self.reach] = correct(layer, self.features)
+        return logits, refinement_features(self.image, logits, self.box_lo_zyx, self.box_hi_zyx, self.spacing_zyx)[0]
 
 
 def make_example(segmenter, image: ImageVolume, truth_zyx: np.ndarray, box: BoxPrompt) -> RefinementExample:
@@ -162,14 +168,10 @@ def fit_conv(examples: list[RefinementExample], before: TanhLayer | None, hidden
 def conv_input(example: RefinementExample, before: TanhLayer | None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]:
     """For the example's logits corrected by `before`: the feature maps, reach and exact mask on the part of its crop
-    that a convolutional stage reads (the reach's bounding box and HALO_VOXELS around it), and the voxels that the
+    that a convolutional stage reads (halo_box of the reach), and the voxels that the
     stage leaves as they are (beyond the reach, in the crop or outside it): predicted, true, both."""
-    logits = example.logits.copy()
-    if before is not None:
-        logits[example.reach] = correct(before, example.features)
-    maps = refinement_features(example.image, logits, example.box_lo_zyx, example.box_hi_zyx, example.spacing_zyx)[0]
-    found = np.nonzero(example.reach)
-    part = tuple(slice(max(int(i.min()) - HALO_VOXELS, 0), int(i.max()) + 1 + HALO_VOXELS) for i in found)
+    logits, maps = example.corrected(before)
+    part = halo_box(example.reach)
     beyond = ~example.reach
     predicted, truth = (logits > 0) & beyond, example.truth & beyond
     unchanged = tuple(int(count) + outside for count, outside in zip(
