@@ -23,6 +23,8 @@ SUBCOMMANDS = {
                          "fit how a model's point search picks among its candidates"),
     "fit-box-refinement": ("LesionLocatorLib.training.box_refiner",
                            "fit the correction of a model's box answers from the image in the box"),
+    "fit-point-extent": ("LesionLocatorLib.training.point_extent",
+                         "fit the network that predicts a clicked lesion's box for a model's point search"),
 }
 
 

@@ -15,12 +15,14 @@ A model root asks for it in its manifest: `"point_search": {"box_sizes_mm": [8, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import CheckpointError
+from .point_extent import ENTRY_KEY as EXTENT_KEY, PointExtent
 from .prompts import BoxPrompt, PointPrompt, Prompt
 from .tanh_layer import TanhLayer
 
@@ -80,10 +82,13 @@ class CandidateSelector(TanhLayer):
 class PointSearch:
     box_sizes_mm: tuple[float, ...]
     selector: CandidateSelector | None = None
+    extent: PointExtent | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: dict, where: str = "the model manifest") -> "PointSearch | None":
-        """The search a model root's manifest asks for, or None when it asks for none."""
+    def from_manifest(cls, manifest: dict, where: str = "the model manifest", root: Path | None = None,
+                      with_extent: bool = True) -> "PointSearch | None":
+        """The search a model root's manifest asks for, or None when it asks for none. An extent network's weights
+        are read from `root`; `with_extent=False` leaves it out (clicks are then answered by the cubes alone)."""
         entry = manifest.get(MANIFEST_KEY)
         if entry is None:
             return None
@@ -95,14 +100,20 @@ class PointSearch:
                 f"Fix the entry or remove it to use the point network alone.")
         if "box" not in manifest.get("tasks", {}):
             raise CheckpointError(f"{where}: '{MANIFEST_KEY}' needs a 'box' task in 'tasks'.")
-        selector = entry.get("selector")
+        selector, extent = entry.get("selector"), entry.get(EXTENT_KEY) if with_extent else None
+        if extent is not None and root is None:
+            raise CheckpointError(f"{where}: the point search's '{EXTENT_KEY}' needs the model root to read its "
+                                  "weights from.")
         return cls(tuple(float(s) for s in sizes),
-                   None if selector is None else CandidateSelector.from_entry(selector, where))
+                   None if selector is None else CandidateSelector.from_entry(selector, where),
+                   None if extent is None else PointExtent.from_entry(extent, root, where))
 
     def manifest_entry(self) -> dict:
         entry: dict = {"box_sizes_mm": list(self.box_sizes_mm)}
         if self.selector is not None:
             entry["selector"] = self.selector.manifest_entry()
+        if self.extent is not None:
+            entry[EXTENT_KEY] = self.extent.manifest_entry()
         return entry
 
     def candidate_boxes(self, point: PointPrompt, spacing_zyx, shape_zyx, max_extent_zyx) -> list[BoxPrompt]:

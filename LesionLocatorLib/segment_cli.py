@@ -38,6 +38,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable_point_search", action="store_true",
                         help="answer points with the point network alone, even where the model asks for a point "
                              "search (the bundled Lite model does: its box network on cubes around the click)")
+    parser.add_argument("--disable_point_extent", action="store_true",
+                        help="within the point search, answer every click by its cubes, even where the model holds "
+                             "an extent network (the bundled Lite model does: it predicts the clicked lesion's box)")
     parser.add_argument("--disable_box_refinement", action="store_true",
                         help="answer boxes (and, when tracking, follow-ups) with the network alone, even where the "
                              "model holds a box refinement (the bundled Lite model does: a fitted correction from the "
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_model_root(args.model), device=args.device, preset=args.preset, folds=args.folds,
         use_tta=False if args.disable_tta else None, mode=args.mode, step_size=args.step_size,
         cpu_bf16=args.bf16, mask_prompt_as=args.prompt_type, point_search=not args.disable_point_search,
-        box_refinement=not args.disable_box_refinement,
+        box_refinement=not args.disable_box_refinement, point_extent=not args.disable_point_extent,
     )
     failures = 0
     for case in find_cases(args.input, args.prompt):

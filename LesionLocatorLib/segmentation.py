@@ -100,10 +100,13 @@ class Segmenter:
 
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, mode: str = "roi", step_size: float = 0.5, cpu_bf16: bool = False,
-                 mask_prompt_as: str = "box", point_search: bool = True, box_refinement: bool = True):
+                 mask_prompt_as: str = "box", point_search: bool = True, box_refinement: bool = True,
+                 point_extent: bool = True):
         """`point_search`: answer clicks by the point search when the model root's manifest asks for one
-        (see point_search.py); False uses the point network alone. `box_refinement`: refine the box network's
-        answer to boxes when the manifest holds a fitted refinement (see box_refinement.py)."""
+        (see point_search.py); False uses the point network alone. `point_extent`: within the search, answer a
+        click by the box its fitted extent network predicts when the manifest holds one (see point_extent.py).
+        `box_refinement`: refine the box network's answer to boxes when the manifest holds a fitted refinement
+        (see box_refinement.py)."""
         check_preset(preset)
         if mode not in MODES:
             raise LesionLocatorError(f"Unknown mode '{mode}'; use 'roi' (fast) or 'exact' (whole image, as official).")
@@ -124,7 +127,8 @@ class Segmenter:
         if not self.model_root.is_dir():  # fail early on a wrong folder; weights load lazily per task
             raise CheckpointError(f"Model folder not found: {self.model_root}")
         manifest = read_model_manifest(self.model_root)
-        self.point_search = PointSearch.from_manifest(manifest, str(self.model_root)) if point_search else None
+        self.point_search = PointSearch.from_manifest(manifest, str(self.model_root), self.model_root,
+                                                      point_extent) if point_search else None
         self.box_refiner = BoxRefiner.from_manifest(manifest, str(self.model_root)) if box_refinement else None
         # the point search's cubes get the per-voxel stages; only the kept cube gets the convolutional one
         self._cube_refiner, self._kept_cube_refiner = (
@@ -195,12 +199,25 @@ class Segmenter:
 
     def _search_point(self, image: ImageVolume, prompt: PointPrompt, cache: dict,
                       cancel_event) -> tuple[np.ndarray, Region]:
-        """The candidate that the point search keeps (see point_search.py)."""
+        """The answer to the box that the extent network predicts for the click, when the search has one and the box
+        is large enough; otherwise the candidate that the point search keeps (see point_search.py)."""
+        box = self.extent_box(image, prompt)
+        if box is not None:
+            score, region = self._predict_one(image, box, cache, cancel_event)
+            return self._refine_box(image, box, score, region, cancel_event, self.box_refiner)
         candidates = self.point_candidates(image, prompt, cache, cancel_event)
         kept = candidates[self.point_search.choose(image.array, image.spacing_zyx, candidates)]
         if isinstance(kept.prompt, BoxPrompt):
             return self._refine_box(image, kept.prompt, kept.score, kept.region, cancel_event, self._kept_cube_refiner)
         return kept.score, kept.region
+
+    def extent_box(self, image: ImageVolume, prompt: PointPrompt) -> BoxPrompt | None:
+        """The box that the point search's extent network predicts around the click, or None (no extent network, or
+        a box under its minimum size)."""
+        extent = self.point_search.extent if self.point_search is not None else None
+        if extent is None:
+            return None
+        return extent.box(image.array, image.spacing_zyx, prompt.index_zyx, self.model_for("box").preprocessor.normalize)
 
     def point_candidates(self, image: ImageVolume, prompt: PointPrompt, cache: dict | None = None,
                          cancel_event=None) -> list[Candidate]:

@@ -57,6 +57,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="imagesTs/labelsTs (held out, default) or imagesTr/labelsTr")
     parser.add_argument("--disable-point-search", action="store_true",
                         help="score points with the point network alone, even where the model asks for a point search")
+    parser.add_argument("--disable-point-extent", action="store_true",
+                        help="answer every click by the point search's cubes, even where the model holds an extent "
+                             "network")
     parser.add_argument("--disable-box-refinement", action="store_true",
                         help="score boxes with the box network alone, even where the model holds a box refinement")
     parser.add_argument("-device", "--device", default="cpu")
@@ -128,10 +131,10 @@ def core_point(mask: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.unravel_index(int(np.argmax(depth)), mask.shape))
 
 
-def evaluate_open_ms(model_root, data_root: Path, device: str, point_search: bool = True) -> list[dict]:
+def evaluate_open_ms(model_root, data_root: Path, device: str, **segmenter_options) -> list[dict]:
     from ..segmentation import Segmenter
 
-    segmenter = Segmenter(model_root, device=device, preset="fast", point_search=point_search)
+    segmenter = Segmenter(model_root, device=device, preset="fast", **segmenter_options)
     rows = []
     for patient in OPEN_MS_PATIENTS:
         folder = data_root / "open_ms_longitudinal" / "raw" / f"patient{patient}"
@@ -154,16 +157,14 @@ def equivalent_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
     return (6.0 * volume / np.pi) ** (1.0 / 3.0)
 
 
-def evaluate_own_data(model_root, dataset: Path, split: str, device: str, point_search: bool = True,
-                      box_refinement: bool = True) -> list[LesionScore]:
+def evaluate_own_data(model_root, dataset: Path, split: str, device: str, **segmenter_options) -> list[LesionScore]:
     """Dice per lesion of a labelled dataset, from a point at the lesion's deepest voxel and from its bounding box."""
     from ..prompts import BoxPrompt
     from ..segmentation import Segmenter
     from ..synthetic.prompts import bounding_box
     from .own_data import dataset_cases, read_case
 
-    segmenter = Segmenter(model_root, device=device, preset="fast", point_search=point_search,
-                          box_refinement=box_refinement)
+    segmenter = Segmenter(model_root, device=device, preset="fast", **segmenter_options)
     scores = []
     for case, image_path, label_path in dataset_cases(dataset, split):
         image, masks = read_case(image_path, label_path)
@@ -191,20 +192,22 @@ def run(args: argparse.Namespace) -> int:
     from ..synthetic.cases import VALIDATION_BACKGROUNDS, make_validation_set
 
     root = resolve_model_root(args.model)
-    point_search = not args.disable_point_search
-    box_refinement = not args.disable_box_refinement
+    options = dict(point_search=not args.disable_point_search, point_extent=not args.disable_point_extent,
+                   box_refinement=not args.disable_box_refinement)
     manifest = read_model_manifest(root)
-    search = PointSearch.from_manifest(manifest, str(root)) if point_search else None
+    search = (PointSearch.from_manifest(manifest, str(root), root, options["point_extent"])
+              if options["point_search"] else None)
     results: dict = {"model": str(root), "seed": args.seed,
                      "point_search_box_sizes_mm": list(search.box_sizes_mm) if search else None,
                      "point_search_selector": bool(search and search.selector),
-                     "box_refinement": box_refinement and BoxRefiner.from_manifest(manifest, str(root)) is not None}
+                     "point_extent_min_size_mm": search.extent.min_size_mm if search and search.extent else None,
+                     "box_refinement": options["box_refinement"]
+                     and BoxRefiner.from_manifest(manifest, str(root)) is not None}
     needs_cases = {"segmentation", "tracking"} - set(args.skip)
     cases = make_validation_set(args.seed, args.backgrounds or VALIDATION_BACKGROUNDS, args.cases_per_background,
                                 args.lesions_per_case, with_follow_up="tracking" not in args.skip) if needs_cases else []
     if "segmentation" not in args.skip:
-        scores = evaluate_segmentation(root, cases, device=args.device, point_search=point_search,
-                                       box_refinement=box_refinement)
+        scores = evaluate_segmentation(root, cases, device=args.device, **options)
         results["segmentation"] = {"summary": summarize(scores), "lesions": scores_as_dicts(scores)}
         print("segmentation:", json.dumps(results["segmentation"]["summary"], indent=1))
     if "tracking" not in args.skip:
@@ -212,13 +215,13 @@ def run(args: argparse.Namespace) -> int:
         results["tracking"] = {"summary": summarize_tracking(track_scores), "lesions": [asdict(s) for s in track_scores]}
         print("tracking:", json.dumps(results["tracking"]["summary"], indent=1))
     if "open_ms" not in args.skip:
-        rows = evaluate_open_ms(root, default_data_root(), args.device, point_search)
+        rows = evaluate_open_ms(root, default_data_root(), args.device, point_search=options["point_search"],
+                                point_extent=options["point_extent"])
         results["open_ms"] = {"lesions": rows, "mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4) if rows else None}
         print(f"open_ms (real MR, point in each study-2 lesion): {len(rows)} lesions, mean Dice {results['open_ms']['mean_dice']}"
               if rows else "open_ms: data not found, skipped", file=sys.stdout)
     if args.own_data is not None:
-        own_scores = evaluate_own_data(root, args.own_data, args.own_data_split, args.device, point_search,
-                                       box_refinement)
+        own_scores = evaluate_own_data(root, args.own_data, args.own_data_split, args.device, **options)
         results["own_data"] = {"dataset": str(args.own_data), "split": args.own_data_split,
                                "summary": summarize(own_scores), "lesions": scores_as_dicts(own_scores)}
         print("own data:", json.dumps(results["own_data"]["summary"], indent=1))

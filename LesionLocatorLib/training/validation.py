@@ -71,14 +71,12 @@ def _prompts(case: ValidationCase, kind: str) -> dict:
 
 def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase], prompt_kinds=("point", "box"),
                           device: str = "cpu", mode: str = "roi", progress: Progress | None = None,
-                          point_search: bool = True, box_refinement: bool = True) -> list[LesionScore]:
+                          **segmenter_options) -> list[LesionScore]:
     """Dice per lesion and prompt kind with the engine's Segmenter (preset 'fast': one fold, no TTA; as the model
-    asks: points with its point search unless `point_search` is False, boxes with its box refinement unless
-    `box_refinement` is False)."""
+    asks, unless `segmenter_options` turn its point search, point extent or box refinement off)."""
     from ..segmentation import Segmenter
 
-    segmenter = Segmenter(model_root, device=device, preset="fast", mode=mode, point_search=point_search,
-                          box_refinement=box_refinement)
+    segmenter = Segmenter(model_root, device=device, preset="fast", mode=mode, **segmenter_options)
     scores = []
     for number, validation_case in enumerate(cases):
         case = validation_case.case
