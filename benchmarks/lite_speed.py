@@ -1,7 +1,8 @@
 """LesionLocator-Lite on the CPU: one lesion in a 512x512x200 CT end to end, and one tracking step.
 
 Goals (2 cores): segmentation under 3 s, a tracking step under 20 s. A click is answered as the model asks (the
-bundled model: a point search, see LesionLocatorLib/point_search.py); the point network alone is timed beside it. A box
+bundled model: the box its extent network predicts, see LesionLocatorLib/point_extent.py and point_search.py); the point
+network alone and the point search's cubes alone are timed beside it. The true lesion has 4524 voxels. A box
 on the same lesion is answered with the model's box refinement (LesionLocatorLib/box_refinement.py) and without.
 The CT is a synthetic body phantom scaled to 512x512x200 voxels at 0.8x0.8x2.5 mm with a lesion; the follow-up is
 the same scan shifted by a few millimetres with the lesion grown. Times are wall-clock of the API calls, measured in
@@ -62,12 +63,18 @@ def main() -> None:
     print(f"model load {load_time:.2f} s (once)")
     print(f"segment one lesion: {first:.2f} s first call, {second:.2f} s next call "
           f"({int(result.masks[1].sum())} voxels; goal < 3 s)")
-    if segmenter.point_search is not None:  # the same click with the point network alone, warmed up like the search
-        plain = Segmenter.from_folder(root, device="cpu", preset="fast", point_search=False)
-        plain.segment(baseline, prompt)
-        plain_result, plain_time = timed(lambda: plain.segment(baseline, prompt))
-        print(f"  point network alone: {plain_time:.2f} s ({int(plain_result.masks[1].sum())} voxels); "
-              f"the point search takes {second / plain_time:.1f}x as long")
+    # the same click with the point network alone, and with the search's cubes alone when the model also has an
+    # extent network; each warmed up like the first
+    search = segmenter.point_search
+    others = {} if search is None else {"point network alone": dict(point_search=False)}
+    if search is not None and search.extent is not None:
+        others["the search's cubes alone"] = dict(point_extent=False)
+    for name, options in others.items():
+        other = Segmenter.from_folder(root, device="cpu", preset="fast", **options)
+        other.segment(baseline, prompt)
+        other_result, other_time = timed(lambda: other.segment(baseline, prompt))
+        print(f"  {name}: {other_time:.2f} s ({int(other_result.masks[1].sum())} voxels); the model's answer "
+              f"takes {second / other_time:.2f}x as long")
     half = np.ceil(LESION_RADIUS_MM / np.asarray(SPACING_XYZ[::-1]))  # the lesion's bounding box, (z, y, x) voxels
     box = {1: BoxPrompt(tuple(LESION_ZYX - half), tuple(LESION_ZYX + half + 1))}
     for refined in (True, False):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from LesionLocatorLib.errors import CheckpointError
-from LesionLocatorLib.image import ImageVolume
 from LesionLocatorLib.models.layout import MODEL_MANIFEST
 from LesionLocatorLib.point_extent import (ExtentNetwork, PointExtent, box_from_faces, box_size_mm, click_samples,
                                            faces_of_mask, mirrored_variants)

@@ -54,6 +54,16 @@ def test_plans_are_complete_nnunet_plans():
     assert config_from_plans(plans) == LiteModelConfig()
 
 
+def test_bundled_model_fits_its_size_budget():
+    """Issue #5: the bundled Lite model, everything under Resources/Models/LesionLocatorLite, is at most 25 MB."""
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+
+    files = [path for path in BUNDLED_LITE_DIR.rglob("*") if path.is_file()]
+    if not files:
+        pytest.skip("bundled Lite model missing")
+    assert sum(path.stat().st_size for path in files) <= 25e6
+
+
 def test_default_network_size_and_cpu_speed():
     network = build_lite_network(LiteModelConfig()).eval()
     parameters = sum(p.numel() for p in network.parameters())
