@@ -217,7 +217,8 @@ class Segmenter:
         extent = self.point_search.extent if self.point_search is not None else None
         if extent is None:
             return None
-        return extent.box(image.array, image.spacing_zyx, prompt.index_zyx, self.model_for("box").preprocessor.normalize)
+        normalize = self.model_for("box").preprocessor.normalize  # as the box network sees the image
+        return extent.box(image.array, image.spacing_zyx, prompt.index_zyx, normalize)
 
     def point_candidates(self, image: ImageVolume, prompt: PointPrompt, cache: dict | None = None,
                          cancel_event=None) -> list[Candidate]:

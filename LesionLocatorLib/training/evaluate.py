@@ -215,8 +215,7 @@ def run(args: argparse.Namespace) -> int:
         results["tracking"] = {"summary": summarize_tracking(track_scores), "lesions": [asdict(s) for s in track_scores]}
         print("tracking:", json.dumps(results["tracking"]["summary"], indent=1))
     if "open_ms" not in args.skip:
-        rows = evaluate_open_ms(root, default_data_root(), args.device, point_search=options["point_search"],
-                                point_extent=options["point_extent"])
+        rows = evaluate_open_ms(root, default_data_root(), args.device, **options)
         results["open_ms"] = {"lesions": rows, "mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4) if rows else None}
         print(f"open_ms (real MR, point in each study-2 lesion): {len(rows)} lesions, mean Dice {results['open_ms']['mean_dice']}"
               if rows else "open_ms: data not found, skipped", file=sys.stdout)
