@@ -333,8 +333,9 @@ def test_new_search_sizes_drop_a_selector_fitted_for_earlier_networks(tmp_path: 
     from LesionLocatorLib.training.plans import set_point_search
 
     selector = preferring("contrast").manifest_entry()
-    (tmp_path / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "p", "box": "b"},
-                                                       "point_search": {"box_sizes_mm": [8], "selector": selector}}))
+    extent = {"weights": "point_extent.pth", "min_size_mm": 10.0}
+    (tmp_path / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "p", "box": "b"}, "point_search": {
+        "box_sizes_mm": [8], "selector": selector, "extent": extent}}))
     assert set_point_search(tmp_path, [10, 20])
     assert json.loads((tmp_path / MODEL_MANIFEST).read_text())["point_search"] == {"box_sizes_mm": [10.0, 20.0]}
 

@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         print("no point search yet: it needs a box network in this model root (train --tasks box)", file=sys.stderr)
     elif searching:
         print(f"clicks pick among the point search's candidates by contrast; `lesionlocator fit-point-search -m "
-              f"{args.output}` fits a selector for these networks", file=sys.stderr)
+              f"{args.output}` fits a selector for these networks, then `lesionlocator fit-point-extent -m "
+              f"{args.output}` the network that predicts a clicked lesion's box", file=sys.stderr)
     if not args.no_validate:
         summary = _validate(args.output, work_dir, args)["summary"]
         print(json.dumps(summary, indent=1))

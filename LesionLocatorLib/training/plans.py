@@ -163,7 +163,8 @@ def write_model_root(root: str | Path, config: LiteModelConfig, network_weights:
 def set_point_search(root: str | Path, box_sizes_mm: Sequence[float] | None) -> bool:
     """Ask for a point search with these cube sizes in the root's manifest, or for none (None). A search needs the
     box network, so a root without a 'box' task gets none; returns whether the manifest now asks for one. A selector
-    fitted for the earlier networks goes (the search picks by contrast until `lesionlocator fit-point-search`)."""
+    and an extent network fitted for the earlier networks go (the search picks by contrast until `lesionlocator
+    fit-point-search`, and answers clicks by its cubes until `lesionlocator fit-point-extent`)."""
     manifest_path = Path(root) / MODEL_MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest.pop(MANIFEST_KEY, None)
