@@ -5,7 +5,8 @@ extent network looks at cubes of GRID^3 samples centred on the click, one per sc
 apart: fields of view of 24, 48 and 96 mm), and predicts the distance in mm from the click to each face of the
 lesion's bounding box along the image's index axes, in FACES order. That box is answered as a user's box is (box
 network and box refinement). Clicks whose predicted box is smaller than `min_size_mm` (the geometric mean of its
-sides) go to the point search's cubes instead, which size small lesions better.
+sides) go to the point search's cubes instead: `lesionlocator fit-point-extent` chooses that size on clicks it did
+not fit on (for the bundled Lite model 0 mm: its predicted boxes beat the cubes at every size).
 
 A model root asks for it in the point search's manifest entry:
 `"point_search": {..., "extent": {"weights": "point_extent.pth", "scales_mm": [...], "grid": 32, "channels": 16,

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                                   folds=args.folds, use_tta=False if args.disable_tta else None,
                                   registration=args.registration, official_list_prompts=args.official_list_prompts,
                                   cpu_bf16=args.bf16, point_search=not args.disable_point_search,
-                                  box_refinement=not args.disable_box_refinement)
+                                  box_refinement=not args.disable_box_refinement,
+                                  point_extent=not args.disable_point_extent)
     result = tracker.track(images, prompts, progress=stderr_progress(not args.disable_progress_bar))
     (output / "prompts").mkdir(exist_ok=True)
     for lesion_id, history in result.lesions.items():

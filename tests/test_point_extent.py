@@ -208,3 +208,20 @@ def test_fit_point_extent_command_writes_a_network_that_loads(extent_root: Path,
     assert cli.main(base + ["--cases-per-background", "0"]) == 2  # too few clicks
     (root / MODEL_MANIFEST).write_text(json.dumps({"tasks": {"point": "net_point", "box": "net"}}))
     assert cli.main(base) == 2  # no point search
+
+
+def test_tracking_and_the_commands_follow_the_extent_setting(extent_root: Path):
+    import argparse
+
+    from LesionLocatorLib import segment_cli, track_cli
+    from LesionLocatorLib.tracking import Tracker
+
+    assert Tracker.from_folder(extent_root, device="cpu", registration="classical").segmenter.point_search.extent
+    off = Tracker.from_folder(extent_root, device="cpu", registration="classical", point_extent=False)
+    assert off.segmenter.point_search.extent is None and off.segmenter.point_search is not None
+    for module, argv in ((segment_cli, ["-i", "a.nii.gz", "-p", "p.json", "-t", "point", "-o", "out"]),
+                         (track_cli, ["-bl", "a.nii.gz", "-fu", "b.nii.gz", "-p", "p.json", "-t", "point", "-o", "out"])):
+        parser = argparse.ArgumentParser()
+        module.configure_parser(parser)
+        assert parser.parse_args(argv + ["--disable_point_extent"]).disable_point_extent
+        assert not parser.parse_args(argv).disable_point_extent
