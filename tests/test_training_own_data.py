@@ -250,3 +250,28 @@ def test_point_search_selector_fits_on_own_data_alone(dataset, tmp_path):
         assert data["dice"].max(axis=1).min() > 0  # every click's candidates find its lesion
     assert Segmenter.from_folder(root, device="cpu").point_search.selector is not None
     assert cli.main(command[:-2] + ["--clicks-per-lesion", "1"]) == 2  # 4 clicks are too few to fit on
+
+
+def test_point_extent_fits_on_own_data_alone(dataset, tmp_path):
+    """Each annotated lesion clicked 15 times in its core: 60 clicks, enough to fit the extent network."""
+    import json
+    import shutil
+
+    from LesionLocatorLib import cli
+    from LesionLocatorLib.checkpoint import MODEL_MANIFEST
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+    from LesionLocatorLib.segmentation import Segmenter
+
+    if not (BUNDLED_LITE_DIR / MODEL_MANIFEST).is_file():
+        pytest.skip("bundled Lite model missing")
+    root = tmp_path / "model"
+    shutil.copytree(BUNDLED_LITE_DIR, root)
+    before = (root / "point_extent.pth").read_bytes()
+    command = ["fit-point-extent", "-m", str(root), "--cases-per-background", "0", "--own-data", str(dataset[0]),
+               "--steps", "2", "--batch-size", "4", "--threads", "1", "--tuning-cases-per-background", "0"]
+    assert cli.main(command + ["--clicks-per-lesion", "15"]) == 0
+    assert (root / "point_extent.previous.pth").read_bytes() == before
+    assert (root / "point_extent.pth").read_bytes() != before
+    assert json.loads((root / MODEL_MANIFEST).read_text())["point_search"]["extent"]["min_size_mm"] == 0.0
+    assert Segmenter.from_folder(root, device="cpu").point_search.extent is not None
+    assert cli.main(command + ["--clicks-per-lesion", "3"]) == 2  # 12 clicks are too few to fit on
