@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from .prompts import BoxPrompt
 
 ENTRY_KEY = "extent"
 FACES = ("z-", "y-", "x-", "z+", "y+", "x+")  # distances from the click to the box faces, in mm
+YX_SWAP = (0, 2, 1, 3, 5, 4)  # FACES with y and x exchanged
 DEFAULT_SCALES_MM = (0.75, 1.5, 3.0)
 DEFAULT_GRID = 32
 DEFAULT_CHANNELS = 16
@@ -137,10 +138,10 @@ class PointExtent:
         mirrored along every combination of axes, with and without y and x swapped (16 variants in one batch; the
         box's intersection over union with the truth rose by 0.03 on the validation clicks)."""
         samples = normalize(click_samples(image_zyx, spacing_zyx, click_zyx, self.scales_mm, self.grid))
-        variants = mirrored_variants(torch.from_numpy(np.ascontiguousarray(samples, np.float32)))
+        variants = mirrored_variants(samples.astype(np.float32))
         with torch.no_grad():
-            log_faces = self.network(torch.stack([v for v, _ in variants])).double().numpy()
-        unmirrored = [faces[order] for faces, (_, order) in zip(log_faces, variants)]
+            log_faces = self.network(torch.from_numpy(np.stack([v for v, _ in variants]))).double().numpy()
+        unmirrored = [faces[np.argsort(order)] for faces, (_, order) in zip(log_faces, variants)]
         return np.exp(np.mean(unmirrored, axis=0))
 
     def box(self, image_zyx: np.ndarray, spacing_zyx, click_zyx,
@@ -152,20 +153,25 @@ class PointExtent:
         return box_from_faces(click_zyx, faces, spacing_zyx, np.shape(image_zyx))
 
 
-def mirrored_variants(samples: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
-    """(scales, z, y, x) samples mirrored along each combination of axes, each with and without y and x swapped, and
-    for each the order that maps its FACES back to the original's."""
-    variants = []
-    for flips in range(8):
-        axes = [axis for axis in range(3) if flips >> axis & 1]
-        mirrored = torch.flip(samples, [axis + 1 for axis in axes]) if axes else samples
-        order = list(range(6))
-        for axis in axes:
-            order[axis], order[axis + 3] = axis + 3, axis
-        variants.append((mirrored, order))
-        swap = (0, 2, 1, 3, 5, 4)  # the swapped variant's faces in the mirrored one's order, then back
-        variants.append((mirrored.transpose(2, 3), [swap[order[face]] for face in range(6)]))
-    return variants
+def mirrored(samples: np.ndarray, axes: Sequence[int], swap_yx: bool) -> tuple[np.ndarray, list[int]]:
+    """(scales, z, y, x) samples mirrored along `axes` (0: z, 1: y, 2: x), then with y and x swapped if `swap_yx`
+    (the samples lie on isotropic mm grids); and the order that takes the original's FACES to the variant's
+    (variant faces = faces[order])."""
+    order = list(range(6))
+    for axis in axes:
+        order[axis], order[axis + 3] = axis + 3, axis
+    if axes:
+        samples = np.flip(samples, [axis + 1 for axis in axes])
+    if swap_yx:
+        samples = samples.transpose(0, 1, 3, 2)
+        order = [order[face] for face in YX_SWAP]
+    return samples, order
+
+
+def mirrored_variants(samples: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
+    """`mirrored` along every combination of axes, each with and without y and x swapped: 16 variants."""
+    return [mirrored(samples, [axis for axis in range(3) if flips >> axis & 1], swap_yx)
+            for flips in range(8) for swap_yx in (False, True)]
 
 
 def box_size_mm(faces_mm: np.ndarray) -> float:

@@ -203,8 +203,7 @@ class Segmenter:
         is large enough; otherwise the candidate that the point search keeps (see point_search.py)."""
         box = self.extent_box(image, prompt)
         if box is not None:
-            score, region = self._predict_one(image, box, cache, cancel_event)
-            return self._refine_box(image, box, score, region, cancel_event, self.box_refiner)
+            return self._segment_one(image, box, cache, cancel_event)  # as a user's box
         candidates = self.point_candidates(image, prompt, cache, cancel_event)
         kept = candidates[self.point_search.choose(image.array, image.spacing_zyx, candidates)]
         if isinstance(kept.prompt, BoxPrompt):

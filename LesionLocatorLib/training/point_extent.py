@@ -23,7 +23,7 @@ from ..errors import LesionLocatorError
 from ..image import ImageVolume
 from ..point_extent import (DEFAULT_CHANNELS, DEFAULT_GRID, DEFAULT_SCALES_MM, ENTRY_KEY, MIN_FACE_MM, ExtentNetwork,
                             PointExtent, box_from_faces, box_size_mm, click_samples,
-                            faces_of_mask)
+                            faces_of_mask, mirrored)
 from ..point_search import MANIFEST_KEY
 from ..prompts import PointPrompt
 from .manifest_fitting import add_data_arguments, check_backgrounds, progress_printer, write_manifest
@@ -64,16 +64,11 @@ def extent_data(clicks: Iterable[tuple[ImageVolume, np.ndarray, PointPrompt]], s
 
 
 def augmented(samples: np.ndarray, faces: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One click's samples mirrored along random axes (its faces swapped to match), y and x swapped at random (the
-    samples are on isotropic mm grids), intensities scaled and shifted a little."""
-    samples, faces = samples.astype(np.float32), faces.copy()
-    for axis in range(3):
-        if rng.random() < 0.5:
-            samples = np.flip(samples, axis=axis + 1)
-            faces[[axis, axis + 3]] = faces[[axis + 3, axis]]
-    if rng.random() < 0.5:
-        samples = samples.transpose(0, 1, 3, 2)
-        faces = faces[[0, 2, 1, 3, 5, 4]]
+    """One click's samples mirrored along random axes and y and x swapped at random (`mirrored`; its faces reordered
+    to match), intensities scaled and shifted a little."""
+    axes = [axis for axis in range(3) if rng.random() < 0.5]
+    samples, order = mirrored(samples.astype(np.float32), axes, swap_yx=rng.random() < 0.5)
+    faces = faces[order]
     samples = samples * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
     return np.ascontiguousarray(samples, np.float32), faces
 
