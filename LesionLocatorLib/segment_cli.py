@@ -45,6 +45,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="answer boxes (and, when tracking, follow-ups) with the network alone, even where the "
                              "model holds a box refinement (the bundled Lite model does: a fitted correction from the "
                              "image in the box)")
+    parser.add_argument("--disable_box_fine_grid", action="store_true",
+                        help="answer small boxes on the box network's planned grid, even where the model asks for a "
+                             "finer one (the bundled Lite model does, for boxes under 16 mm)")
     parser.add_argument("-npp", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-nps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--disable_progress_bar", action="store_true", help="no progress on stderr")
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         use_tta=False if args.disable_tta else None, mode=args.mode, step_size=args.step_size,
         cpu_bf16=args.bf16, mask_prompt_as=args.prompt_type, point_search=not args.disable_point_search,
         box_refinement=not args.disable_box_refinement, point_extent=not args.disable_point_extent,
+        box_fine_grid=not args.disable_box_fine_grid,
     )
     failures = 0
     for case in find_cases(args.input, args.prompt):

@@ -17,6 +17,7 @@ import numpy as np
 from .box_refinement import BoxRefiner
 from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
+from .fine_grid import FineGrid
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
 from .point_search import OUTSIDE_LOGIT, Candidate, PointSearch, sigmoid
@@ -101,12 +102,13 @@ class Segmenter:
     def __init__(self, model_root: str | Path, device="auto", preset: str = "fast", folds=None,
                  use_tta: bool | None = None, mode: str = "roi", step_size: float = 0.5, cpu_bf16: bool = False,
                  mask_prompt_as: str = "box", point_search: bool = True, box_refinement: bool = True,
-                 point_extent: bool = True):
+                 point_extent: bool = True, box_fine_grid: bool = True):
         """`point_search`: answer clicks by the point search when the model root's manifest asks for one
         (see point_search.py); False uses the point network alone. `point_extent`: within the search, answer a
         click by the box its fitted extent network predicts when the manifest holds one (see point_extent.py).
         `box_refinement`: refine the box network's answer to boxes when the manifest holds a fitted refinement
-        (see box_refinement.py)."""
+        (see box_refinement.py). `box_fine_grid`: answer small boxes on a finer grid when the manifest asks for it
+        (roi mode; see fine_grid.py)."""
         check_preset(preset)
         if mode not in MODES:
             raise LesionLocatorError(f"Unknown mode '{mode}'; use 'roi' (fast) or 'exact' (whole image, as official).")
@@ -123,13 +125,16 @@ class Segmenter:
         self.step_size = step_size
         self.cpu_bf16 = cpu_bf16
         self.mask_prompt_as = mask_prompt_as
-        self._models: dict[str, SegmentationModel] = {}
+        self._models: dict[tuple[str, bool], SegmentationModel] = {}  # (task, on the fine grid)
         if not self.model_root.is_dir():  # fail early on a wrong folder; weights load lazily per task
             raise CheckpointError(f"Model folder not found: {self.model_root}")
         manifest = read_model_manifest(self.model_root)
         self.point_search = PointSearch.from_manifest(manifest, str(self.model_root), self.model_root,
                                                       point_extent) if point_search else None
         self.box_refiner = BoxRefiner.from_manifest(manifest, str(self.model_root)) if box_refinement else None
+        # exact mode runs the official whole-image pipeline, on the plans' grid
+        self.fine_grid = FineGrid.from_manifest(manifest, str(self.model_root)) \
+            if box_fine_grid and mode == "roi" else None
         # the point search's cubes get the per-voxel stages; only the kept cube gets the convolutional one
         self._cube_refiner, self._kept_cube_refiner = (
             self.box_refiner.split_at_conv() if self.box_refiner is not None else (None, None))
@@ -138,13 +143,17 @@ class Segmenter:
     def from_folder(cls, model_root: str | Path, **options) -> "Segmenter":
         return cls(model_root, **options)
 
-    def model_for(self, task: str) -> SegmentationModel:
-        if task not in self._models:
-            folder = resolve_task_folder(self.model_root, task)
-            model = load_checkpoint_folder(folder, choose_folds(folder, self.preset, self.folds))
+    def model_for(self, task: str, fine: bool = False) -> SegmentationModel:
+        """The task's model, on the plans' grid or (`fine`) on the manifest's fine grid."""
+        if (task, fine) not in self._models:
+            if fine:
+                model = self.fine_grid.folder(self.model_for(task).model)
+            else:
+                folder = resolve_task_folder(self.model_root, task)
+                model = load_checkpoint_folder(folder, choose_folds(folder, self.preset, self.folds))
             settings = PredictionSettings(self.device, self.use_tta, model.mirroring_axes, self.step_size, self.cpu_bf16)
-            self._models[task] = SegmentationModel(model, settings)
-        return self._models[task]
+            self._models[task, fine] = SegmentationModel(model, settings)
+        return self._models[task, fine]
 
     def task_for(self, prompt: Prompt) -> str:
         if isinstance(prompt, PointPrompt):
@@ -257,23 +266,34 @@ class Segmenter:
         return self._predict_many(image, [prompt], cache, cancel_event, pre)[0]
 
     def _predict_many(self, image: ImageVolume, prompts: list[Prompt], cache: dict, cancel_event,
-                      pre: PreprocessedImage | None = None) -> list[tuple[np.ndarray, Region]]:
+                      pre: PreprocessedImage | None = None, fine: bool = False) -> list[tuple[np.ndarray, Region]]:
         """The network's logits for prompts of one task, each on a region of the original grid. The prompts share
-        `pre` when it is given, or the whole preprocessed image in exact mode; in roi mode each otherwise gets its
-        own window."""
+        `pre` (preprocessed on the plans' grid, or on the fine grid if `fine`) when it is given, or the whole
+        preprocessed image in exact mode; in roi mode each otherwise gets its own window, on the fine grid when it
+        is a box that the fine grid applies to."""
         task = self.task_for(prompts[0])
-        model = self.model_for(task)
         if pre is None and self.mode == "exact":
+            model = self.model_for(task)
             if task not in cache:
                 cache[task] = model.preprocessor.preprocess(image)
             pre = cache[task]
         elif pre is None:
-            return [self._predict_many(image, [prompt], cache, cancel_event, model.preprocessor.preprocess_window(
-                image, self.roi_for(prompt, image, model)))[0] for prompt in prompts]
+            answers = []
+            for prompt in prompts:
+                on_fine = self._on_fine_grid(image, prompt)
+                model = self.model_for(task, on_fine)
+                window = model.preprocessor.preprocess_window(image, self.roi_for(prompt, image, model))
+                answers += self._predict_many(image, [prompt], cache, cancel_event, window, on_fine)
+            return answers
+        model = self.model_for(task, fine)
         check_cancel(cancel_event)
         dense = [self.dense_prompt(prompt, pre, model, task) for prompt in prompts]
         return [model.to_original(difference, pre, whole_grid=self.mode == "exact")
                 for difference in model.fg_minus_bg(pre, dense, cancel_event)]
+
+    def _on_fine_grid(self, image: ImageVolume, prompt: Prompt) -> bool:
+        return (self.fine_grid is not None and isinstance(prompt, BoxPrompt)
+                and self.fine_grid.applies_to(prompt, image.spacing_zyx))
 
     # --- prompt geometry ---------------------------------------------------------------------------------------
     def roi_for(self, prompt: Prompt, image: ImageVolume, model: SegmentationModel) -> Region:

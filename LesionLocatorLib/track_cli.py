@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                                   registration=args.registration, official_list_prompts=args.official_list_prompts,
                                   cpu_bf16=args.bf16, point_search=not args.disable_point_search,
                                   box_refinement=not args.disable_box_refinement,
-                                  point_extent=not args.disable_point_extent)
+                                  point_extent=not args.disable_point_extent,
+                                  box_fine_grid=not args.disable_box_fine_grid)
     result = tracker.track(images, prompts, progress=stderr_progress(not args.disable_progress_bar))
     (output / "prompts").mkdir(exist_ok=True)
     for lesion_id, history in result.lesions.items():

@@ -195,10 +195,10 @@ class Tracker:
                  use_tta: bool | None = None, registration: str | Registration = "auto",
                  segmenter: Segmenter | None = None, segmentation_mode: str = "roi", mode: str = "auto",
                  official_list_prompts: bool = False, cpu_bf16: bool = False, point_search: bool = True,
-                 box_refinement: bool = True, point_extent: bool = True):
-        """`point_search`, `point_extent` and `box_refinement` apply to baseline clicks and boxes (see Segmenter; a
-        given `segmenter` brings its own settings); `box_refinement` also refines the follow-ups' answers in roi mode, when the model's
-        track task uses its box network."""
+                 box_refinement: bool = True, point_extent: bool = True, box_fine_grid: bool = True):
+        """`point_search`, `point_extent`, `box_refinement` and `box_fine_grid` apply to baseline clicks and boxes
+        (see Segmenter; a given `segmenter` brings its own settings); `box_refinement` also refines the follow-ups'
+        answers in roi mode, when the model's track task uses its box network."""
         check_preset(preset)
         if mode not in TRACKING_MODES:
             raise LesionLocatorError(f"Unknown tracking mode '{mode}'; use one of {TRACKING_MODES}.")
@@ -223,7 +223,7 @@ class Tracker:
         self.segmenter = segmenter or Segmenter(self.model_root, device=self.device, preset=preset, folds=folds,
                                                 use_tta=use_tta, mode=segmentation_mode, cpu_bf16=cpu_bf16,
                                                 point_search=point_search, box_refinement=box_refinement,
-                                                point_extent=point_extent)
+                                                point_extent=point_extent, box_fine_grid=box_fine_grid)
         self.box_refiner = self._track_refiner() if box_refinement and self.mode == "roi" else None
         self._scans = BoundedCache(MAX_CACHED_SCANS)
         self._deformations = BoundedCache(MAX_CACHED_REGISTRATIONS)

@@ -60,6 +60,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-point-extent", action="store_true",
                         help="answer every click by the point search's cubes, even where the model holds an extent "
                              "network")
+    parser.add_argument("--disable-box-fine-grid", action="store_true",
+                        help="score boxes on the box network's planned grid, even where the model asks for a finer "
+                             "one for small boxes")
     parser.add_argument("--disable-box-refinement", action="store_true",
                         help="score boxes with the box network alone, even where the model holds a box refinement")
     parser.add_argument("-device", "--device", default="cpu")
@@ -186,6 +189,7 @@ def evaluate_own_data(model_root, dataset: Path, split: str, device: str, **segm
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read_model_manifest
     from ..box_refinement import BoxRefiner
+    from ..fine_grid import FineGrid
     from ..point_search import PointSearch
     from ..segment_cli import resolve_model_root
     from ..synthetic.backgrounds import default_data_root
@@ -193,14 +197,16 @@ def run(args: argparse.Namespace) -> int:
 
     root = resolve_model_root(args.model)
     options = dict(point_search=not args.disable_point_search, point_extent=not args.disable_point_extent,
-                   box_refinement=not args.disable_box_refinement)
+                   box_refinement=not args.disable_box_refinement, box_fine_grid=not args.disable_box_fine_grid)
     manifest = read_model_manifest(root)
+    fine_grid = FineGrid.from_manifest(manifest, str(root)) if options["box_fine_grid"] else None
     search = (PointSearch.from_manifest(manifest, str(root), root, options["point_extent"])
               if options["point_search"] else None)
     results: dict = {"model": str(root), "seed": args.seed,
                      "point_search_box_sizes_mm": list(search.box_sizes_mm) if search else None,
                      "point_search_selector": bool(search and search.selector),
                      "point_extent_min_size_mm": search.extent.min_size_mm if search and search.extent else None,
+                     "box_fine_grid": fine_grid.manifest_entry() if fine_grid else None,
                      "box_refinement": options["box_refinement"]
                      and BoxRefiner.from_manifest(manifest, str(root)) is not None}
     needs_cases = {"segmentation", "tracking"} - set(args.skip)

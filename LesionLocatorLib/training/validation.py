@@ -73,7 +73,7 @@ def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase
                           device: str = "cpu", mode: str = "roi", progress: Progress | None = None,
                           **segmenter_options) -> list[LesionScore]:
     """Dice per lesion and prompt kind with the engine's Segmenter (preset 'fast': one fold, no TTA; as the model
-    asks, unless `segmenter_options` turn its point search, point extent or box refinement off)."""
+    asks, unless `segmenter_options` turn its point search, point extent, box refinement or fine grid off)."""
     from ..segmentation import Segmenter
 
     segmenter = Segmenter(model_root, device=device, preset="fast", mode=mode, **segmenter_options)
