@@ -9,8 +9,9 @@ well do; the answer is resampled back onto the image's grid as always, and refin
 
 A model root asks for it in its manifest: `"box_fine_grid": {"below_mm": 16.0, "spacing_factor": 0.67}` (the bundled
 Lite model's choice; see its model card for what it gains). `lesionlocator train` keeps the entry. Only box prompts
-use it (a click's predicted box is one), in roi mode. A box's size is its largest side in mm; indices are (z, y, x)
-voxels of the original image.
+use it (a click's predicted box is one), in roi mode; the point search's cubes do not (its selector was fitted on their
+answers on the planned grid). A box's size is its largest side in mm; indices are (z, y, x) voxels of the original
+image.
 """
 from __future__ import annotations
 

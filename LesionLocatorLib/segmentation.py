@@ -202,8 +202,9 @@ class Segmenter:
         return score, region
 
     def network_answer(self, image: ImageVolume, prompt: Prompt, cancel_event=None) -> tuple[np.ndarray, Region]:
-        """The prompt's network alone (no point search, no box refinement): foreground-minus-background logits on a
-        region of the original grid (z, y, x); background outside it."""
+        """The prompt's network alone (no point search, no box refinement; a small box on the fine grid, as segment
+        answers it): foreground-minus-background logits on a region of the original grid (z, y, x); background
+        outside it."""
         return self._predict_one(image, validate_prompt(prompt, image.shape_zyx), {}, cancel_event)
 
     def _search_point(self, image: ImageVolume, prompt: PointPrompt, cache: dict,
@@ -233,7 +234,7 @@ class Segmenter:
         """The point network's answer and the box network's on each cube of the point search around the click
         (refined by the per-voxel stages of the box refinement, when the model has one and it is on; the kept cube
         gets the rest in _search_point). Each cube fits one patch of the box network, and in roi mode all cubes share
-        one preprocessed window."""
+        one preprocessed window on its planned grid (never the fine grid: the selector was fitted on these answers)."""
         if self.point_search is None:
             raise LesionLocatorError("This Segmenter has no point search (the model root asks for none, or it was "
                                      "made with point_search=False).")

@@ -336,7 +336,8 @@ def test_point_search_refines_cubes_per_voxel_and_only_the_kept_cube_by_the_conv
     (root / MODEL_MANIFEST).write_text(json.dumps(manifest))
     image, truth = ball_image(7.0)
     click = PointPrompt((15.0, 45.0, 45.0))
-    segmenter = Segmenter.from_folder(root, device="cpu", point_extent=False)  # the cubes answer the click
+    # the cubes answer the click; they are predicted on the planned grid, as network_answer does without a fine grid
+    segmenter = Segmenter.from_folder(root, device="cpu", point_extent=False, box_fine_grid=False)
     candidates = segmenter.point_candidates(image, click)
     kept = candidates[segmenter.point_search.choose(image.array, SPACING_ZYX, candidates)]
     assert isinstance(kept.prompt, BoxPrompt)
