@@ -4,8 +4,9 @@ Goals (2 cores): segmentation under 3 s, a tracking step under 20 s. A click is 
 bundled model: the box its extent network predicts, see LesionLocatorLib/point_extent.py and point_search.py); the point
 network alone and the point search's cubes alone are timed beside it. The true lesion has 4524 voxels. A box
 on the same lesion is answered with the model's box refinement (LesionLocatorLib/box_refinement.py) and without.
-The CT is a synthetic body phantom scaled to 512x512x200 voxels at 0.8x0.8x2.5 mm with a lesion; the follow-up is
-the same scan shifted by a few millimetres with the lesion grown. Times are wall-clock of the API calls, measured in
+A box on a second, 8 mm lesion is answered on the model's fine grid for small boxes (fine_grid.py) and on the planned
+grid. The CT is a synthetic body phantom scaled to 512x512x200 voxels at 0.8x0.8x2.5 mm with the two lesions; the
+follow-up is the same scan shifted by a few millimetres with the large lesion grown. Times are wall-clock of the API calls, measured in
 this one run.
 
     python benchmarks/lite_speed.py [--threads 2] [--model FOLDER]
@@ -28,6 +29,8 @@ SHAPE_ZYX = (200, 512, 512)
 SPACING_XYZ = (0.8, 0.8, 2.5)
 LESION_ZYX = (100, 230, 300)
 LESION_RADIUS_MM = 12.0
+SMALL_LESION_ZYX = (100, 200, 360)  # a second lesion, small enough for a model's fine grid (fine_grid.py)
+SMALL_LESION_RADIUS_MM = 4.0
 
 
 def make_ct(shift_voxels: int, lesion_radius_mm: float, seed: int) -> ImageVolume:
@@ -39,9 +42,16 @@ def make_ct(shift_voxels: int, lesion_radius_mm: float, seed: int) -> ImageVolum
     array = np.broadcast_to(np.where(body, 30, -1000), SHAPE_ZYX).astype(np.int16)
     array[liver] = 60
     array += rng.normal(0, 10, SHAPE_ZYX).astype(np.int16)
-    lesion = ((z - LESION_ZYX[0]) * 2.5) ** 2 + ((y - LESION_ZYX[1]) * 0.8) ** 2 + ((x - LESION_ZYX[2]) * 0.8) ** 2
-    array[lesion < lesion_radius_mm ** 2] -= 45
+    for centre, radius in ((LESION_ZYX, lesion_radius_mm), (SMALL_LESION_ZYX, SMALL_LESION_RADIUS_MM)):
+        lesion = ((z - centre[0]) * 2.5) ** 2 + ((y - centre[1]) * 0.8) ** 2 + ((x - centre[2]) * 0.8) ** 2
+        array[lesion < radius ** 2] -= 45
     return ImageVolume(array, spacing_xyz=SPACING_XYZ)
+
+
+def box_around(centre_zyx, radius_mm: float) -> BoxPrompt:
+    """A lesion's bounding box, (z, y, x) voxels."""
+    half = np.ceil(radius_mm / np.asarray(SPACING_XYZ[::-1]))
+    return BoxPrompt(tuple(np.asarray(centre_zyx) - half), tuple(np.asarray(centre_zyx) + half + 1))
 
 
 def main() -> None:
@@ -75,8 +85,7 @@ def main() -> None:
         other_result, other_time = timed(lambda: other.segment(baseline, prompt))
         print(f"  {name}: {other_time:.2f} s ({int(other_result.masks[1].sum())} voxels); the model's answer "
               f"takes {second / other_time:.2f}x as long")
-    half = np.ceil(LESION_RADIUS_MM / np.asarray(SPACING_XYZ[::-1]))  # the lesion's bounding box, (z, y, x) voxels
-    box = {1: BoxPrompt(tuple(LESION_ZYX - half), tuple(LESION_ZYX + half + 1))}
+    box = {1: box_around(LESION_ZYX, LESION_RADIUS_MM)}
     for refined in (True, False):
         boxes = Segmenter.from_folder(root, device="cpu", preset="fast", box_refinement=refined)
         boxes.segment(baseline, box)  # warm-up
@@ -84,6 +93,17 @@ def main() -> None:
         print(f"box on the lesion, {'with the model' if refined else 'box network alone'}: {box_time:.2f} s "
               f"({int(box_result.masks[1].sum())} voxels)"
               + ("" if boxes.box_refiner is not None or not refined else "; the model has no box refinement"))
+    # a small lesion's box: on the model's fine grid when it asks for one, and on the planned grid
+    small = {1: box_around(SMALL_LESION_ZYX, SMALL_LESION_RADIUS_MM)}
+    times = {}
+    for fine in (True, False):
+        boxes = Segmenter.from_folder(root, device="cpu", preset="fast", box_fine_grid=fine)
+        boxes.segment(baseline, small)  # warm-up (builds the fine grid's model)
+        small_result, times[fine] = timed(lambda: boxes.segment(baseline, small))
+        print(f"box on the small lesion, {'as the model asks' if fine else 'on the planned grid'}: {times[fine]:.2f} s "
+              f"({int(small_result.masks[1].sum())} voxels)"
+              + ("" if boxes.fine_grid is not None or not fine else "; the model asks for no fine grid"))
+    print(f"  the small box takes {times[True] / times[False]:.2f}x as long as on the planned grid")
     print(f"tracking step ({tracker.folds[0].registration.name} registration): {track_time:.2f} s "
           f"(found: {step[1].found}, {step[1].volume_ml:.1f} mL; goal < 20 s)")
 
