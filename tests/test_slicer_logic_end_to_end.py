@@ -185,3 +185,15 @@ def test_box_refinement_setting_reaches_the_segmenter_and_the_tracker():
     settings.boxRefinement = False
     plain = engines.tracker(BUNDLED_LITE_DIR, settings)
     assert plain is not refining and plain.box_refiner is None and plain.segmenter.box_refiner is None
+
+
+def test_the_module_follows_the_models_fine_grid_and_says_what_to_do_with_an_empty_answer():
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+    from LesionLocatorLib.prompts import BoxPrompt, PointPrompt
+    from LesionLocatorSlicer.logic import EngineSettings, emptyAnswerMessage
+
+    engines = EngineCache()
+    assert engines.segmenter(BUNDLED_LITE_DIR, EngineSettings(device="cpu", preset="fast")).fine_grid is not None
+    assert "draw a box" in emptyAnswerMessage(PointPrompt((1, 2, 3)))
+    box_message = emptyAnswerMessage(BoxPrompt((0, 0, 0), (2, 2, 2)))
+    assert "in this box" in box_message and "draw a box" not in box_message

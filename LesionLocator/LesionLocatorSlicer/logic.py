@@ -136,6 +136,16 @@ class UndoStep:
     createdNodeIDs: list[str] = field(default_factory=list)
 
 
+def emptyAnswerMessage(prompt) -> str:
+    """What to do when a prompt's answer is empty (the user drew a box: do not ask for one)."""
+    from LesionLocatorLib.prompts import BoxPrompt
+
+    if isinstance(prompt, BoxPrompt):
+        return ("Nothing was segmented in this box: the lesion may be too small or too faint for the model. Draw the "
+                "box tightly around the lesion, or click its centre.")
+    return "Nothing was segmented at this prompt. Click closer to the lesion centre, or draw a box around it."
+
+
 class EngineCache:
     """The last Segmenter and Tracker, reused while the settings stay the same. Used on the engine thread only."""
 
@@ -267,9 +277,7 @@ class LesionTrackingLogic:
             raise PromptError(result.errors[request.lesionId])
         mask = result.masks[request.lesionId]
         if not mask.any():
-            raise LesionLocatorError(
-                "Nothing was segmented at this prompt. Click closer to the lesion centre, or draw a box around it."
-            )
+            raise LesionLocatorError(emptyAnswerMessage(request.prompt))
         return mask
 
     def applySegmentation(self, request: SegmentationRequest, mask: np.ndarray) -> int:
