@@ -6,8 +6,8 @@ network alone and the point search's cubes alone are timed beside it. The true l
 on the same lesion is answered with the model's box refinement (LesionLocatorLib/box_refinement.py) and without.
 A box on a second, 8 mm lesion is answered on the model's fine grid for small boxes (fine_grid.py) and on the planned
 grid. The CT is a synthetic body phantom scaled to 512x512x200 voxels at 0.8x0.8x2.5 mm with the two lesions; the
-follow-up is the same scan shifted by a few millimetres with the large lesion grown. Times are wall-clock of the API calls, measured in
-this one run.
+follow-up is the same scan shifted by a few millimetres with the large lesion grown. Times are wall-clock of the API
+calls, measured in this one run.
 
     python benchmarks/lite_speed.py [--threads 2] [--model FOLDER]
 """
@@ -54,6 +54,15 @@ def box_around(centre_zyx, radius_mm: float) -> BoxPrompt:
     return BoxPrompt(tuple(np.asarray(centre_zyx) - half), tuple(np.asarray(centre_zyx) + half + 1))
 
 
+def warm_segment(root, image: ImageVolume, prompts: dict, **options) -> tuple[Segmenter, object, float]:
+    """A Segmenter made with `options`, its result and wall seconds on `prompts`, timed on a second call (the first
+    warms it up: loading, and the fine grid's model)."""
+    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast", **options)
+    segmenter.segment(image, prompts)
+    result, seconds = timed(lambda: segmenter.segment(image, prompts))
+    return segmenter, result, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -80,16 +89,12 @@ def main() -> None:
     if search is not None and search.extent is not None:
         others["the search's cubes alone"] = dict(point_extent=False)
     for name, options in others.items():
-        other = Segmenter.from_folder(root, device="cpu", preset="fast", **options)
-        other.segment(baseline, prompt)
-        other_result, other_time = timed(lambda: other.segment(baseline, prompt))
+        _, other_result, other_time = warm_segment(root, baseline, prompt, **options)
         print(f"  {name}: {other_time:.2f} s ({int(other_result.masks[1].sum())} voxels); the model's answer "
               f"takes {second / other_time:.2f}x as long")
     box = {1: box_around(LESION_ZYX, LESION_RADIUS_MM)}
     for refined in (True, False):
-        boxes = Segmenter.from_folder(root, device="cpu", preset="fast", box_refinement=refined)
-        boxes.segment(baseline, box)  # warm-up
-        box_result, box_time = timed(lambda: boxes.segment(baseline, box))
+        boxes, box_result, box_time = warm_segment(root, baseline, box, box_refinement=refined)
         print(f"box on the lesion, {'with the model' if refined else 'box network alone'}: {box_time:.2f} s "
               f"({int(box_result.masks[1].sum())} voxels)"
               + ("" if boxes.box_refiner is not None or not refined else "; the model has no box refinement"))
@@ -97,9 +102,7 @@ def main() -> None:
     small = {1: box_around(SMALL_LESION_ZYX, SMALL_LESION_RADIUS_MM)}
     times = {}
     for fine in (True, False):
-        boxes = Segmenter.from_folder(root, device="cpu", preset="fast", box_fine_grid=fine)
-        boxes.segment(baseline, small)  # warm-up (builds the fine grid's model)
-        small_result, times[fine] = timed(lambda: boxes.segment(baseline, small))
+        boxes, small_result, times[fine] = warm_segment(root, baseline, small, box_fine_grid=fine)
         print(f"box on the small lesion, {'as the model asks' if fine else 'on the planned grid'}: {times[fine]:.2f} s "
               f"({int(small_result.masks[1].sum())} voxels)"
               + ("" if boxes.fine_grid is not None or not fine else "; the model asks for no fine grid"))
