@@ -26,7 +26,7 @@ from scipy import ndimage
 from ..image import ImageVolume, read_image
 from ..prompts import PointPrompt
 from .validation import (
-    LesionScore, dice_score, evaluate_segmentation, mean_ci95, scores_as_dicts, spacing_ceiling_dice, summarize,
+    LesionScore, dice_score, mean_ci95, score_segmentation, scores_as_dicts, spacing_ceiling_dice, summarize,
 )
 
 CPM_RADIUS_MM = 25.0
@@ -134,10 +134,7 @@ def core_point(mask: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.unravel_index(int(np.argmax(depth)), mask.shape))
 
 
-def evaluate_open_ms(model_root, data_root: Path, device: str, **segmenter_options) -> list[dict]:
-    from ..segmentation import Segmenter
-
-    segmenter = Segmenter(model_root, device=device, preset="fast", **segmenter_options)
+def evaluate_open_ms(segmenter, data_root: Path) -> list[dict]:
     rows = []
     for patient in OPEN_MS_PATIENTS:
         folder = data_root / "open_ms_longitudinal" / "raw" / f"patient{patient}"
@@ -160,14 +157,12 @@ def equivalent_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
     return (6.0 * volume / np.pi) ** (1.0 / 3.0)
 
 
-def evaluate_own_data(model_root, dataset: Path, split: str, device: str, **segmenter_options) -> list[LesionScore]:
+def evaluate_own_data(segmenter, dataset: Path, split: str) -> list[LesionScore]:
     """Dice per lesion of a labelled dataset, from a point at the lesion's deepest voxel and from its bounding box."""
     from ..prompts import BoxPrompt
-    from ..segmentation import Segmenter
     from ..synthetic.prompts import bounding_box
     from .own_data import dataset_cases, read_case
 
-    segmenter = Segmenter(model_root, device=device, preset="fast", **segmenter_options)
     scores = []
     for case, image_path, label_path in dataset_cases(dataset, split):
         image, masks = read_case(image_path, label_path)
@@ -187,33 +182,28 @@ def evaluate_own_data(model_root, dataset: Path, split: str, device: str, **segm
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import read_model_manifest
-    from ..box_refinement import BoxRefiner
-    from ..fine_grid import FineGrid
-    from ..point_search import PointSearch
     from ..segment_cli import resolve_model_root
+    from ..segmentation import Segmenter
     from ..synthetic.backgrounds import default_data_root
     from ..synthetic.cases import VALIDATION_BACKGROUNDS, make_validation_set
 
     root = resolve_model_root(args.model)
-    options = dict(point_search=not args.disable_point_search, point_extent=not args.disable_point_extent,
-                   box_refinement=not args.disable_box_refinement, box_fine_grid=not args.disable_box_fine_grid)
-    manifest = read_model_manifest(root)
-    fine_grid = FineGrid.from_manifest(manifest, str(root)) if options["box_fine_grid"] else None
-    search = (PointSearch.from_manifest(manifest, str(root), root, options["point_extent"])
-              if options["point_search"] else None)
+    # one Segmenter (preset 'fast': one fold, no TTA) answers every prompt and reports what the model asked for
+    segmenter = Segmenter(root, device=args.device, preset="fast", point_search=not args.disable_point_search,
+                          point_extent=not args.disable_point_extent, box_refinement=not args.disable_box_refinement,
+                          box_fine_grid=not args.disable_box_fine_grid)
+    search = segmenter.point_search
     results: dict = {"model": str(root), "seed": args.seed,
                      "point_search_box_sizes_mm": list(search.box_sizes_mm) if search else None,
                      "point_search_selector": bool(search and search.selector),
                      "point_extent_min_size_mm": search.extent.min_size_mm if search and search.extent else None,
-                     "box_fine_grid": fine_grid.manifest_entry() if fine_grid else None,
-                     "box_refinement": options["box_refinement"]
-                     and BoxRefiner.from_manifest(manifest, str(root)) is not None}
+                     "box_fine_grid": segmenter.fine_grid.manifest_entry() if segmenter.fine_grid else None,
+                     "box_refinement": segmenter.box_refiner is not None}
     needs_cases = {"segmentation", "tracking"} - set(args.skip)
     cases = make_validation_set(args.seed, args.backgrounds or VALIDATION_BACKGROUNDS, args.cases_per_background,
                                 args.lesions_per_case, with_follow_up="tracking" not in args.skip) if needs_cases else []
     if "segmentation" not in args.skip:
-        scores = evaluate_segmentation(root, cases, device=args.device, **options)
+        scores = score_segmentation(segmenter, cases)
         results["segmentation"] = {"summary": summarize(scores), "lesions": scores_as_dicts(scores)}
         print("segmentation:", json.dumps(results["segmentation"]["summary"], indent=1))
     if "tracking" not in args.skip:
@@ -221,12 +211,12 @@ def run(args: argparse.Namespace) -> int:
         results["tracking"] = {"summary": summarize_tracking(track_scores), "lesions": [asdict(s) for s in track_scores]}
         print("tracking:", json.dumps(results["tracking"]["summary"], indent=1))
     if "open_ms" not in args.skip:
-        rows = evaluate_open_ms(root, default_data_root(), args.device, **options)
+        rows = evaluate_open_ms(segmenter, default_data_root())
         results["open_ms"] = {"lesions": rows, "mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4) if rows else None}
         print(f"open_ms (real MR, point in each study-2 lesion): {len(rows)} lesions, mean Dice {results['open_ms']['mean_dice']}"
               if rows else "open_ms: data not found, skipped", file=sys.stdout)
     if args.own_data is not None:
-        own_scores = evaluate_own_data(root, args.own_data, args.own_data_split, args.device, **options)
+        own_scores = evaluate_own_data(segmenter, args.own_data, args.own_data_split)
         results["own_data"] = {"dataset": str(args.own_data), "split": args.own_data_split,
                                "summary": summarize(own_scores), "lesions": scores_as_dicts(own_scores)}
         print("own data:", json.dumps(results["own_data"]["summary"], indent=1))

@@ -100,23 +100,6 @@ def fit_extent_network(data: ExtentData, steps: int, batch_size: int = 32, lr: f
     return network.eval()
 
 
-def predicted_faces(network: ExtentNetwork, samples: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        parts = [torch.exp(network(torch.from_numpy(samples[i:i + batch_size].astype(np.float32)))).numpy()
-                 for i in range(0, len(samples), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, 6))
-
-
-def box_iou(faces_a: np.ndarray, faces_b: np.ndarray) -> np.ndarray:
-    """Intersection over union of boxes given as FACES distances from the same click, (n, 6) each."""
-    overlap = np.clip(np.minimum(faces_a[:, :3], faces_b[:, :3]) + np.minimum(faces_a[:, 3:], faces_b[:, 3:]), 0, None)
-    inter = overlap.prod(axis=1)
-    union = (faces_a[:, :3] + faces_a[:, 3:]).prod(axis=1) + (faces_b[:, :3] + faces_b[:, 3:]).prod(axis=1) - inter
-    return inter / union
-
-
 def best_threshold(sizes_mm: np.ndarray, extent_dice: np.ndarray, search_dice: np.ndarray) -> tuple[float, dict]:
     """The THRESHOLDS_MM value whose choice (predicted box size at least it: the extent's box, else the search)
     has the highest mean Dice, and every threshold's mean."""

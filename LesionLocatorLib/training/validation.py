@@ -77,6 +77,12 @@ def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase
     from ..segmentation import Segmenter
 
     segmenter = Segmenter(model_root, device=device, preset="fast", mode=mode, **segmenter_options)
+    return score_segmentation(segmenter, cases, prompt_kinds, progress)
+
+
+def score_segmentation(segmenter, cases: Sequence[ValidationCase], prompt_kinds=("point", "box"),
+                       progress: Progress | None = None) -> list[LesionScore]:
+    """Dice per lesion and prompt kind with `segmenter`, as it is configured."""
     scores = []
     for number, validation_case in enumerate(cases):
         case = validation_case.case
