@@ -73,33 +73,45 @@ def _physical_to_index_zyx(image: ImageVolume, points, space: str) -> np.ndarray
 
 
 # --- validation -----------------------------------------------------------------------------------------------
+AXES_ZYX = ("z", "y", "x")
+
+
+def _plain(values) -> str:
+    """Coordinates as a reader writes them, e.g. (5, 10.5, 3): not NumPy's reprs (np.float64(5.0))."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
 def validate_prompt(prompt: Prompt, shape_zyx: tuple[int, int, int]) -> Prompt:
     """Check a prompt against the image; a box partly outside is clipped. Raises PromptError."""
     shape = np.asarray(shape_zyx, float)
     if isinstance(prompt, PointPrompt):
         index = np.asarray(prompt.index_zyx, float)
         if index.shape != (3,) or not np.all(np.isfinite(index)):
-            raise PromptError(f"A point needs 3 finite coordinates (z, y, x); got {prompt.index_zyx}.")
+            raise PromptError(f"A point needs 3 finite coordinates (z, y, x); got {_plain(np.ravel(index))}.")
         if np.any(index < -0.5) or np.any(index > shape - 0.5):
             raise PromptError(
-                f"Point (z, y, x) = {tuple(round(v, 2) for v in index)} lies outside the image "
+                f"Point (z, y, x) = {_plain(index)} lies outside the image "
                 f"(shape {tuple(shape_zyx)}). Place the point on the lesion inside the scan."
             )
         return prompt
     if isinstance(prompt, BoxPrompt):
         lo, hi = np.asarray(prompt.lo_zyx, float), np.asarray(prompt.hi_zyx, float)
         if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-            raise PromptError(f"A box needs 3 finite lower and 3 upper bounds; got {prompt.lo_zyx}, {prompt.hi_zyx}.")
+            raise PromptError(f"A box needs 3 finite lower and 3 upper bounds (z, y, x); got {_plain(np.ravel(lo))}, "
+                              f"{_plain(np.ravel(hi))}.")
+        box = f"Box (z, y, x) {_plain(lo)}..{_plain(hi)}"
         if np.any(hi < lo):
-            raise PromptError(
-                f"Inverted box: lower bound {tuple(lo)} is above upper bound {tuple(hi)} on an axis. "
-                "Give [zmin, zmax, ymin, ymax, xmin, xmax] with min < max."
-            )
+            axes = ", ".join(a for a, inverted in zip(AXES_ZYX, hi < lo) if inverted)
+            raise PromptError(f"{box} is inverted on {axes}: its lower bound is above its upper bound. "
+                              "Give [zmin, zmax, ymin, ymax, xmin, xmax] with min < max.")
         if np.any(hi == lo):
-            raise PromptError(f"Empty box {tuple(lo)}..{tuple(hi)}: it has zero width on an axis (boxes are half-open).")
+            axes = ", ".join(a for a, empty in zip(AXES_ZYX, hi == lo) if empty)
+            raise PromptError(f"{box} has zero width on {axes} (boxes are half-open: max is one past the last "
+                              "voxel). Make max larger than min.")
         clipped_lo, clipped_hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
         if np.any(clipped_hi <= clipped_lo):
-            raise PromptError(f"Box {tuple(lo)}..{tuple(hi)} lies outside the image (shape {tuple(shape_zyx)}).")
+            raise PromptError(f"{box} lies outside the image (shape {tuple(shape_zyx)}). Draw the box on the lesion "
+                              "inside the scan.")
         return BoxPrompt(tuple(clipped_lo), tuple(clipped_hi))
     if isinstance(prompt, MaskPrompt):
         if tuple(prompt.mask.shape) != tuple(shape_zyx):

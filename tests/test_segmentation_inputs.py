@@ -50,10 +50,11 @@ def test_bad_prompts_fail_alone_and_others_still_run(segmenter, image):
     result = segmenter.segment(image, prompts)
     assert sorted(result.masks) == [1]
     assert result.masks[1].sum() > 50
-    assert "outside the image" in result.errors[2]
-    assert "zero width" in result.errors[3]
-    assert "Inverted" in result.errors[4]
-    assert "outside the image" in result.errors[5]
+    assert "Point (z, y, x) = (24, 33, 500) lies outside the image" in result.errors[2]
+    assert "zero width on z " in result.errors[3]
+    assert "(29, 38, 25)..(20, 30, 16) is inverted on z, y, x" in result.errors[4]
+    assert "outside the image" in result.errors[5] and "Draw the box" in result.errors[5]
+    assert not any("np." in message for message in result.errors.values())  # plain numbers, not NumPy reprs
     assert "empty" in result.errors[6]
     assert "shape" in result.errors[7]
 
