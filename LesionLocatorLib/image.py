@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import LesionLocatorError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-class ImageReadError(ValueError):
+class ImageReadError(LesionLocatorError, ValueError):
     """An image file or folder could not be read."""
 
 
@@ -135,7 +137,7 @@ def read_image(path: str | os.PathLike) -> ImageVolume:
     """Read NIfTI, NRRD, MHA/MHD or a DICOM series folder (the largest series in it)."""
     path = Path(path)
     if not path.exists():
-        raise ImageReadError(f"Image not found: {path}")
+        raise ImageReadError(f"Image not found: {path}. Check the path (a file, or a folder holding one DICOM series).")
     try:
         if path.is_dir():
             return ImageVolume.from_sitk(_read_dicom_series(path), name=path.name)

@@ -61,6 +61,14 @@ def test_wrong_prompt_type_is_a_clear_error(tmp_path: Path, capsys):
     assert code == 2 and "needs one JSON prompt file" in capsys.readouterr().err
 
 
+def test_a_missing_follow_up_is_a_clear_error(tmp_path: Path, capsys):
+    """An unreadable scan is reported as an error (exit 2) that names the file, not a traceback, and writes nothing."""
+    missing = tmp_path / "followup_typo.nii.gz"
+    assert track(tmp_path, [missing]) == 2
+    assert f"Image not found: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bf16_flag_reaches_the_tracker(tmp_path: Path, monkeypatch):
     from LesionLocatorLib.tracking import Tracker
 
