@@ -254,6 +254,38 @@ def test_train_command_sets_or_removes_the_point_search(tmp_path, capsys):
         cli.run(parser.parse_args(common + ["--point-search", "0", "10"]))
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--backgrounds", "no_such_scan"], "Unknown background 'no_such_scan'"),
+    (["--backgrounds", "body_phantom:x"], "seed must be a whole number"),
+    (["--backgrounds", "head_phantom:1=-1"], "must be zero or more"),
+    (["--prompt-mix", "0", "0", "0"], "not all zero"),
+    (["--init-from", "missing_run/checkpoint_latest.pth"], "no such checkpoint"),
+])
+def test_train_command_rejects_bad_settings_before_making_samples(tmp_path, bad, message):
+    """Each mistake fails at once with what to do, before minutes of sample generation, and writes nothing."""
+    import argparse
+
+    from LesionLocatorLib.errors import LesionLocatorError
+    from LesionLocatorLib.training import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    args = parser.parse_args(["--output", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), *bad])
+    with pytest.raises(LesionLocatorError, match=message):
+        cli.run(args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_rejects_an_unknown_background_at_once(capsys):
+    from LesionLocatorLib import cli
+
+    assert cli.main(["evaluate", "--backgrounds", "abdomen", "--skip", "tracking", "open_ms"]) == 2
+    assert "Unknown background 'abdomen'; use one of" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not (BUNDLED / MODEL_MANIFEST).is_file(), reason="bundled Lite model not trained yet")
 def test_bundled_model_segments_clear_lung_lesions_from_boxes():
     from LesionLocatorLib.prompts import BoxPrompt

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..errors import LesionLocatorError
 from ..image import ImageVolume, read_image
 from .lesions import SITES
 
@@ -190,22 +191,43 @@ def _organ_labels(source: BackgroundSource, image: ImageVolume, data_root: Path)
     return labels if np.any(labels) else None
 
 
+class BackgroundError(LesionLocatorError, ValueError):
+    """A background name that names no scan and no phantom."""
+
+
+class BackgroundNotFoundError(LesionLocatorError, FileNotFoundError):
+    """A real background whose scan is not in the shared data folder."""
+
+
+PHANTOM_KINDS = ("body_phantom", "head_phantom")
+
+
+def check_background_name(name: str) -> None:
+    """Fail fast, before minutes of samples, on a name that `load_background` would not know."""
+    kind, colon, seed = name.partition(":")
+    if kind in PHANTOM_KINDS:
+        if colon and not seed.isdigit():
+            raise BackgroundError(f"Background '{name}': a phantom's seed must be a whole number, e.g. {kind}:7.")
+        return
+    if name not in REAL_BACKGROUNDS:
+        raise BackgroundError(f"Unknown background '{name}'; use one of {sorted(REAL_BACKGROUNDS)} or "
+                              "body_phantom:<seed>, head_phantom:<seed>.")
+
+
 def load_background(name: str, data_root: str | Path | None = None) -> Background:
     """A named background: a real scan from REAL_BACKGROUNDS, or 'body_phantom:<seed>' / 'head_phantom:<seed>'."""
     from .phantoms import make_phantom  # phantoms import this module
 
-    if name.split(":")[0] in ("body_phantom", "head_phantom"):
-        kind, _, seed = name.partition(":")
+    check_background_name(name)
+    kind, _, seed = name.partition(":")
+    if kind in PHANTOM_KINDS:
         return make_phantom(kind, np.random.default_rng(int(seed or 0)), name=name)
-    if name not in REAL_BACKGROUNDS:
-        raise ValueError(f"Unknown background '{name}'; use one of {sorted(REAL_BACKGROUNDS)} or body_phantom:<seed>, "
-                         "head_phantom:<seed>.")
     source = REAL_BACKGROUNDS[name]
     root = Path(data_root) if data_root is not None else default_data_root()
     path = root / source.path
     if not path.exists():
-        raise FileNotFoundError(f"Background '{name}' needs {path}; set LESIONLOCATOR_SHARED_DATA to the shared data "
-                                "folder or use a phantom background.")
+        raise BackgroundNotFoundError(f"Background '{name}' needs {path}; set LESIONLOCATOR_SHARED_DATA to the shared "
+                                      "data folder or use a phantom background.")
     image = read_image(path)
     image = image.with_array(image.array.astype(np.float32), name=name)
     labels = _organ_labels(source, image, root)

@@ -81,6 +81,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _background_weights(entries: list[str]) -> dict[str, float]:
+    from ..synthetic.backgrounds import check_background_name
+
     weights = {}
     for entry in entries:
         name, _, weight = entry.partition("=")
@@ -88,7 +90,22 @@ def _background_weights(entries: list[str]) -> dict[str, float]:
             weights[name] = float(weight or 1.0)
         except ValueError as error:
             raise LesionLocatorError(f"--backgrounds: '{entry}' is not NAME=WEIGHT.") from error
+        check_background_name(name)
+        if not weights[name] >= 0:
+            raise LesionLocatorError(f"--backgrounds: the weight of '{name}' must be zero or more; got {weight}.")
+    if sum(weights.values()) <= 0:
+        raise LesionLocatorError("--backgrounds: give at least one background a positive weight.")
     return weights
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Before minutes of samples: settings that would train nothing or fail only after them."""
+    counts = {"--steps": args.steps, "--batch-size": args.batch_size, "--cache-size": args.cache_size}
+    for option, value in counts.items():
+        if value < 1:
+            raise LesionLocatorError(f"{option} must be at least 1; got {value}.")
+    if not args.lr > 0:
+        raise LesionLocatorError(f"--lr must be positive; got {args.lr}.")
 
 
 def _prompt_mix(values: list[float]) -> tuple[float, float, float]:
@@ -103,7 +120,12 @@ def _init_source(value: str | None) -> str | None:
 
     if value is None:
         return None
-    return str(model_root(value)) if value in REGISTRY else str(value)
+    if value in REGISTRY:
+        return str(model_root(value))
+    if not Path(value).exists():
+        raise LesionLocatorError(f"--init-from {value}: no such checkpoint file or model root. Give a "
+                                 "checkpoint_latest.pth, a model root or a registered model name.")
+    return str(value)
 
 
 def _cache_progress(done: int, total: int) -> None:
@@ -129,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     work_dir = args.work_dir or args.output.with_name(args.output.name + "_work")
     cache = args.cache or work_dir / "samples"
     own_cache = None
+    _check_counts(args)
+    background_weights, prompt_mix = _background_weights(args.backgrounds), _prompt_mix(args.prompt_mix)
+    init_weights = _init_source(args.init_from)
     if not args.no_point_search and not all(size > 0 for size in args.point_search):
         raise LesionLocatorError(f"--point-search sizes must be positive (mm); got {args.point_search}.")
     if args.own_data is not None:
@@ -141,16 +166,16 @@ def run(args: argparse.Namespace) -> int:
     synthetic_needed = own_cache is None or args.own_data_share < 1
     if synthetic_needed and args.cache_size > len(cached_sample_paths(cache)):
         generator = SampleGenerator(config, np.random.default_rng(args.seed + 10_000),
-                                    _background_weights(args.backgrounds), args.data_root)
+                                    background_weights, args.data_root)
         fill_cache(cache, args.cache_size, generator, _cache_progress)
         sys.stderr.write("\n")
     options = TrainingOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                               device=args.device, threads=args.threads,
                               time_limit_s=None if args.time_limit_min is None else 60 * args.time_limit_min,
                               patch_size_zyx=tuple(args.train_patch_size) if args.train_patch_size else None,
-                              deep_supervision=not args.no_deep_supervision, prompt_mix=_prompt_mix(args.prompt_mix),
+                              deep_supervision=not args.no_deep_supervision, prompt_mix=prompt_mix,
                               size_weighting=args.size_weighting,
-                              init_weights=_init_source(args.init_from),
+                              init_weights=init_weights,
                               init_task=args.tasks[0],
                               own_data_share=args.own_data_share if own_cache is not None else 0.0)
     try:

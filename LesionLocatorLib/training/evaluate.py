@@ -184,9 +184,11 @@ def evaluate_own_data(segmenter, dataset: Path, split: str) -> list[LesionScore]
 def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
-    from ..synthetic.backgrounds import default_data_root
+    from ..synthetic.backgrounds import check_background_name, default_data_root
     from ..synthetic.cases import VALIDATION_BACKGROUNDS, make_validation_set
 
+    for name in args.backgrounds or ():
+        check_background_name(name)
     root = resolve_model_root(args.model)
     # one Segmenter (preset 'fast': one fold, no TTA) answers every prompt and reports what the model asked for
     segmenter = Segmenter(root, device=args.device, preset="fast", point_search=not args.disable_point_search,

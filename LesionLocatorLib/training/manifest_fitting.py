@@ -38,8 +38,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def check_backgrounds(backgrounds: Sequence[str]) -> None:
+    from ..synthetic.backgrounds import check_background_name
     from ..synthetic.cases import VALIDATION_BACKGROUNDS
 
+    for name in backgrounds:
+        check_background_name(name)
     held_out = sorted(set(backgrounds) & set(VALIDATION_BACKGROUNDS))
     if held_out:
         raise LesionLocatorError(f"{held_out} are validation backgrounds; fitting on them would leak into "
