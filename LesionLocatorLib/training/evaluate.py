@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -28,6 +29,9 @@ from ..prompts import PointPrompt
 from .validation import (
     LesionScore, dice_score, mean_ci95, score_segmentation, scores_as_dicts, spacing_ceiling_dice, summarize,
 )
+
+if TYPE_CHECKING:  # the Segmenter imports torch
+    from ..segmentation import Segmenter
 
 CPM_RADIUS_MM = 25.0
 OPEN_MS_PATIENTS = ("01", "03", "12", "19")
@@ -134,7 +138,7 @@ def core_point(mask: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.unravel_index(int(np.argmax(depth)), mask.shape))
 
 
-def evaluate_open_ms(segmenter, data_root: Path) -> list[dict]:
+def evaluate_open_ms(segmenter: Segmenter, data_root: Path) -> list[dict]:
     rows = []
     for patient in OPEN_MS_PATIENTS:
         folder = data_root / "open_ms_longitudinal" / "raw" / f"patient{patient}"
@@ -157,7 +161,7 @@ def equivalent_diameter_mm(mask: np.ndarray, spacing_zyx) -> float:
     return (6.0 * volume / np.pi) ** (1.0 / 3.0)
 
 
-def evaluate_own_data(segmenter, dataset: Path, split: str) -> list[LesionScore]:
+def evaluate_own_data(segmenter: Segmenter, dataset: Path, split: str) -> list[LesionScore]:
     """Dice per lesion of a labelled dataset, from a point at the lesion's deepest voxel and from its bounding box."""
     from ..prompts import BoxPrompt
     from ..synthetic.prompts import bounding_box

@@ -9,13 +9,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from ..prompts import BoxPrompt, PointPrompt
 from ..synthetic.cases import ValidationCase
 from ..synthetic.followup import PRESENT
+
+if TYPE_CHECKING:  # the Segmenter imports torch
+    from ..segmentation import Segmenter
 
 SIZE_BINS_MM = (0.0, 10.0, 20.0, 40.0, np.inf)
 BOOTSTRAP_RESAMPLES = 2000
@@ -80,7 +83,7 @@ def evaluate_segmentation(model_root: str | Path, cases: Sequence[ValidationCase
     return score_segmentation(segmenter, cases, prompt_kinds, progress)
 
 
-def score_segmentation(segmenter, cases: Sequence[ValidationCase], prompt_kinds=("point", "box"),
+def score_segmentation(segmenter: Segmenter, cases: Sequence[ValidationCase], prompt_kinds=("point", "box"),
                        progress: Progress | None = None) -> list[LesionScore]:
     """Dice per lesion and prompt kind with `segmenter`, as it is configured."""
     scores = []
