@@ -140,6 +140,46 @@ def test_dice_loss_counts_every_lesion_equally():
     assert deep_supervision_loss(outputs, target).item() > 0.5 * dice_ce_loss(logits, target).item()
 
 
+def test_a_two_stage_network_trains_on_its_single_output(tiny_samples, tmp_path):
+    target = torch.zeros((1, 8, 8, 8), dtype=torch.long)
+    target[0, 2:6, 2:6, 2:6] = 1
+    logits = torch.randn((1, 2, 8, 8, 8))
+    # a single output is the full-resolution one: it keeps its weight (it used to get 0/0 = NaN)
+    assert deep_supervision_loss([logits], target).item() == pytest.approx(dice_ce_loss(logits, target).item())
+    (tmp_path / "cache").mkdir()
+    save_sample(tmp_path / "cache", 0, tiny_samples[0])
+    two_stages = LiteModelConfig(patch_size_zyx=(16, 32, 32), spacing_zyx=(3.0, 3.0, 3.0), features_per_stage=(4, 8),
+                                 blocks_per_stage=(1, 1))
+    options = TrainingOptions(steps=3, log_every=1, device="cpu", prompt_mix=(0.0, 1.0, 0.0))
+    _, state = train(two_stages, options, tmp_path / "cache", tmp_path / "work", progress=None)
+    assert state.step == 3 and np.all(np.isfinite(state.losses))
+
+
+def test_a_loss_that_is_not_finite_stops_training_before_the_weights_change(tiny_samples, tmp_path, monkeypatch):
+    from LesionLocatorLib.errors import LesionLocatorError
+    from LesionLocatorLib.training import trainer
+
+    (tmp_path / "cache").mkdir()
+    save_sample(tmp_path / "cache", 0, tiny_samples[0])
+    options = TrainingOptions(steps=4, log_every=1, checkpoint_every=2, device="cpu", prompt_mix=(0.0, 1.0, 0.0))
+    train(TINY, TrainingOptions(steps=2, log_every=1, checkpoint_every=2, device="cpu", prompt_mix=(0.0, 1.0, 0.0)),
+          tmp_path / "cache", tmp_path / "work", progress=None)
+    saved = torch.load(tmp_path / "work" / "checkpoint_latest.pth", weights_only=False)["network_weights"]
+    monkeypatch.setattr(trainer, "deep_supervision_loss", lambda outputs, target: outputs[0].sum() * float("nan"))
+    seen = {}
+    real_step = trainer._step
+
+    def step_and_keep_weights(network, *args):
+        seen["network"] = network
+        return real_step(network, *args)
+
+    monkeypatch.setattr(trainer, "_step", step_and_keep_weights)
+    with pytest.raises(LesionLocatorError, match="loss became nan.*--resume and a lower --lr"):
+        train(TINY, options, tmp_path / "cache", tmp_path / "work", resume=True, progress=None)
+    after = seen["network"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in saved.items())  # the bad step changed nothing
+
+
 def test_tiny_training_reduces_loss_and_writes_a_loadable_model(tiny_samples, tmp_path):
     (tmp_path / "cache").mkdir()
     save_sample(tmp_path / "cache", 0, tiny_samples[0])

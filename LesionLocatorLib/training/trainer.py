@@ -68,10 +68,11 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def deep_supervision_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """nnU-Net's weighting: scale i weighs 1/2^i (the coarsest output is ignored), weights normalized to 1;
-    targets are downsampled with nearest neighbours."""
+    """nnU-Net's weighting: scale i weighs 1/2^i (the coarsest output is ignored, unless it is the only one: a
+    two-stage network has a single output), weights normalized to 1; targets are downsampled with nearest neighbours."""
     weights = torch.tensor([1 / 2 ** i for i in range(len(outputs))])
-    weights[-1] = 0
+    if len(outputs) > 1:
+        weights[-1] = 0
     weights = weights / weights.sum()
     total = outputs[0].new_zeros(())
     for weight, output in zip(weights.tolist(), outputs):
@@ -226,6 +227,10 @@ def _step(network, optimizer, inputs: np.ndarray, targets: np.ndarray, learning_
     outputs = network(torch.from_numpy(inputs).to(device))
     target = torch.from_numpy(targets).to(device)
     loss = deep_supervision_loss(outputs, target) if options.deep_supervision else dice_ce_loss(outputs, target)
+    if not torch.isfinite(loss):  # stop before the weights take it in
+        raise LesionLocatorError(f"The training loss became {loss.item()}; this step did not change the weights. "
+                                 "Run the same command with --resume and a lower --lr to go on from the work "
+                                 "folder's last checkpoint.")
     loss.backward()
     torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
     optimizer.step()
