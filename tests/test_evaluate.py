@@ -4,10 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LesionLocatorLib.training.evaluate import TrackScore, core_point, open_ms_lesions, summarize_tracking
+from LesionLocatorLib.training.evaluate import (
+    TrackScore, core_point, open_ms_lesions, summarize_tracking, tracking_line,
+)
 from LesionLocatorLib.preprocessing import Preprocessor
 from LesionLocatorLib.training.plans import LiteModelConfig, plans_model_folder
-from LesionLocatorLib.training.validation import LesionScore, mean_ci95, spacing_ceiling_dice, summarize
+from LesionLocatorLib.training.validation import (
+    LesionScore, mean_ci95, spacing_ceiling_dice, summarize, summary_table,
+)
 from golden import SHARED
 
 
@@ -73,3 +77,30 @@ def test_summary_reports_the_spacing_ceiling_only_when_every_lesion_has_one():
     assert summary["by_diameter"]["0-10mm"]["spacing_ceiling"] == pytest.approx(0.8)
     unknown = summarize([LesionScore("a", 1, "box", 0.6, 5.0, "lung", "sphere", 0.1)])["box"]
     assert "spacing_ceiling" not in unknown
+
+
+def test_the_terminal_table_holds_each_prompts_interval_size_bins_and_ceiling():
+    scores = [LesionScore("a", 1, "box", 0.6, 5.0, "lung", "sphere", 0.2, 0.8),
+              LesionScore("a", 2, "box", 0.9, 30.0, "lung", "sphere", 0.4, 1.0),
+              LesionScore("a", 1, "point", 0.3, 5.0, "lung", "sphere", 0.5)]
+    summary = summarize(scores)
+    header, box, point = summary_table(summary).splitlines()
+    assert header.split()[:2] == ["prompt", "lesions"] and "0-10mm" in header and ">=40mm" in header
+    low, high = summary["box"]["mean_dice_ci95"]
+    # box: 2 lesions, mean 0.75 with its interval, one lesion in 0-10 mm and one in 20-40 mm, ceiling 0.9, 0.3 s
+    assert box.split()[:2] == ["box", "2"] and f"0.750 [{low:.3f}, {high:.3f}]" in box
+    assert "0.60 (1)" in box and "0.90 (1)" in box and box.split()[-2:] == ["0.900", "0.30"]
+    assert box.count(" - ") == 2  # the empty 10-20 mm and >= 40 mm bins
+    # point: no ceiling known, no lesion at Dice >= 0.5
+    assert point.split()[:2] == ["point", "1"] and "0 %" in point and point.split()[-2:] == ["-", "0.50"]
+    assert summary_table({}) == "no lesions scored"
+
+
+def test_the_tracking_line_names_found_lesions_cpm_and_med():
+    scores = [TrackScore("a", 1, True, 0.9, 3.0, 1.0), TrackScore("b", 1, False, 0.0, None, 2.0)]
+    line = tracking_line(summarize_tracking(scores))
+    assert line.startswith("1 of 2 lesions found, mean Dice 0.450 [")
+    assert "CPM@25 0.500, MED 3.00 mm, 1.50 s per step" in line
+    nothing_found = tracking_line(summarize_tracking([TrackScore("b", 1, False, 0.0, None, 2.0)]))
+    assert "0 of 1 lesions found" in nothing_found and "MED -," in nothing_found
+    assert "no lesion was tracked" in tracking_line({})

@@ -160,7 +160,7 @@ def test_train_command_mixes_own_and_synthetic_samples(dataset, tmp_path):
     assert (tmp_path / "work" / "own_samples" / "source.json").is_file()
 
 
-def test_evaluate_scores_every_own_lesion_with_point_and_box(dataset, tmp_path):
+def test_evaluate_scores_every_own_lesion_with_point_and_box(dataset, tmp_path, capsys):
     import json
 
     from LesionLocatorLib.training import evaluate
@@ -177,6 +177,12 @@ def test_evaluate_scores_every_own_lesion_with_point_and_box(dataset, tmp_path):
     own = json.loads((tmp_path / "eval.json").read_text())["own_data"]
     assert own["summary"]["point"]["lesions"] == own["summary"]["box"]["lesions"] == lesions
     assert all(0.0 <= row["dice"] <= 1.0 and row["diameter_mm"] >= 12.0 * 0.5 for row in own["lesions"])
+    # the terminal gets a table, one row per prompt, and where the per-lesion scores went
+    printed = capsys.readouterr().out.splitlines()
+    table = printed[printed.index("own data (Tr):") + 1:][:3]
+    assert table[0].startswith("prompt") and "mean Dice [95 % CI]" in table[0]
+    assert [row.split()[:2] for row in table[1:]] == [["box", str(lesions)], ["point", str(lesions)]]
+    assert printed[-1] == f"every lesion's scores: {tmp_path / 'eval.json'}"
 
 
 def test_evaluate_uses_the_model_point_search_and_box_refinement_unless_disabled(dataset, tmp_path):

@@ -23,6 +23,7 @@ from .plans import NET_FOLDER, TASKS, LiteModelConfig, drop_box_refinement, set_
 from .own_data import fill_own_cache
 from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
 from .trainer import TrainingOptions, export_model, train
+from .validation import summary_table
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -204,5 +205,5 @@ def run(args: argparse.Namespace) -> int:
               f"{args.output}` the network that predicts a clicked lesion's box", file=sys.stderr)
     if not args.no_validate:
         summary = _validate(args.output, work_dir, args)["summary"]
-        print(json.dumps(summary, indent=1))
+        print(f"held-out validation (every lesion's scores: {work_dir / 'validation.json'}):\n{summary_table(summary)}")
     return 0

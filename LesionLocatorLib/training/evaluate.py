@@ -28,6 +28,7 @@ from ..image import ImageVolume, read_image
 from ..prompts import PointPrompt
 from .validation import (
     LesionScore, dice_score, mean_ci95, score_segmentation, scores_as_dicts, spacing_ceiling_dice, summarize,
+    summary_table,
 )
 
 if TYPE_CHECKING:  # the Segmenter imports torch
@@ -115,6 +116,18 @@ def summarize_tracking(scores: list[TrackScore]) -> dict:
             f"CPM@{CPM_RADIUS_MM:.0f}": round(len(within) / len(scores), 4),
             "MED_mm": round(float(np.mean(distances)), 2) if distances else None,
             "mean_seconds_per_step": round(float(np.mean([s.seconds for s in scores])), 2)}
+
+
+def tracking_line(summary: dict) -> str:
+    """`summarize_tracking`'s result in one line for the terminal."""
+    if not summary:
+        return "no lesion was tracked (no follow-up holds a lesion of its baseline)"
+    low, high = summary["mean_dice_ci95"]
+    med = "-" if summary["MED_mm"] is None else f"{summary['MED_mm']:.2f} mm"
+    cpm = f"CPM@{CPM_RADIUS_MM:.0f}"
+    return (f"{summary['found']} of {summary['lesions']} lesions found, mean Dice {summary['mean_dice']:.3f} "
+            f"[{low:.3f}, {high:.3f}], {cpm} {summary[cpm]:.3f}, MED {med}, {summary['mean_seconds_per_step']:.2f} s "
+            "per step")
 
 
 def open_ms_lesions(patient_folder: Path) -> tuple[ImageVolume, dict[int, np.ndarray]]:
@@ -211,11 +224,12 @@ def run(args: argparse.Namespace) -> int:
     if "segmentation" not in args.skip:
         scores = score_segmentation(segmenter, cases)
         results["segmentation"] = {"summary": summarize(scores), "lesions": scores_as_dicts(scores)}
-        print("segmentation:", json.dumps(results["segmentation"]["summary"], indent=1))
+        print(f"segmentation ({len(cases)} synthetic cases, seed {args.seed}):\n"
+              f"{summary_table(results['segmentation']['summary'])}")
     if "tracking" not in args.skip:
         track_scores = evaluate_tracking_centres(root, cases, args.device, args.registration)
         results["tracking"] = {"summary": summarize_tracking(track_scores), "lesions": [asdict(s) for s in track_scores]}
-        print("tracking:", json.dumps(results["tracking"]["summary"], indent=1))
+        print("tracking:", tracking_line(results["tracking"]["summary"]))
     if "open_ms" not in args.skip:
         rows = evaluate_open_ms(segmenter, default_data_root())
         results["open_ms"] = {"lesions": rows, "mean_dice": round(float(np.mean([r["dice"] for r in rows])), 4) if rows else None}
@@ -225,7 +239,10 @@ def run(args: argparse.Namespace) -> int:
         own_scores = evaluate_own_data(segmenter, args.own_data, args.own_data_split)
         results["own_data"] = {"dataset": str(args.own_data), "split": args.own_data_split,
                                "summary": summarize(own_scores), "lesions": scores_as_dicts(own_scores)}
-        print("own data:", json.dumps(results["own_data"]["summary"], indent=1))
+        print(f"own data ({args.own_data_split}):\n{summary_table(results['own_data']['summary'])}")
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
+        print(f"every lesion's scores: {args.output}")
+    else:
+        print("add -o FILE.json to keep every lesion's scores")
     return 0

@@ -176,6 +176,28 @@ def summarize(scores: Sequence[LesionScore]) -> dict:
     return summary
 
 
+def summary_table(summary: dict) -> str:
+    """`summarize`'s result as a table for the terminal: one row per prompt kind, mean Dice per size bin (lesions in
+    brackets; '-' where a bin is empty), the spacing ceiling where known."""
+    bins = [f"{lo:.0f}-{hi:.0f}mm" if np.isfinite(hi) else f">={lo:.0f}mm"
+            for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:])]
+    header = ["prompt", "lesions", "mean Dice [95 % CI]", "median", "Dice>=0.5", *bins, "ceiling", "s/lesion"]
+    rows = [header]
+    for kind, row in summary.items():
+        low, high = row["mean_dice_ci95"]
+        by_size = [f"{row['by_diameter'][b]['mean_dice']:.2f} ({row['by_diameter'][b]['lesions']})"
+                   if b in row["by_diameter"] else "-" for b in bins]
+        ceiling = f"{row['spacing_ceiling']:.3f}" if "spacing_ceiling" in row else "-"
+        rows.append([kind, str(row["lesions"]), f"{row['mean_dice']:.3f} [{low:.3f}, {high:.3f}]",
+                     f"{row['median_dice']:.3f}", f"{100 * row['dice_at_least_0.5']:.0f} %", *by_size, ceiling,
+                     f"{row['mean_seconds_per_lesion']:.2f}"])
+    if len(rows) == 1:
+        return "no lesions scored"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(r, widths))).rstrip() for r in rows)
+
+
 def scores_as_dicts(scores: Sequence[LesionScore]) -> list[dict]:
     return [{**asdict(s), "dice": round(s.dice, 4), "diameter_mm": round(s.diameter_mm, 2),
              "seconds": round(s.seconds, 3),
