@@ -145,6 +145,12 @@ def mean_ci95(values: Sequence[float], seed: int = 0) -> list[float]:
     return [round(float(v), 4) for v in np.percentile(resamples.mean(axis=1), [2.5, 97.5])]
 
 
+def size_bins() -> list[tuple[str, float, float]]:
+    """(label, lowest mm, mm it stays under) of each lesion diameter bin of the summaries."""
+    return [(f"{lo:.0f}-{hi:.0f}mm" if np.isfinite(hi) else f">={lo:.0f}mm", lo, hi)
+            for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:])]
+
+
 def summarize(scores: Sequence[LesionScore]) -> dict:
     """Per prompt kind: lesions, mean Dice with its bootstrap 95 % interval, median Dice, share with Dice >= 0.5,
     mean seconds, mean Dice per size bin, and (where known) the mean spacing ceiling overall and per bin."""
@@ -155,10 +161,9 @@ def summarize(scores: Sequence[LesionScore]) -> dict:
         diameters = np.array([s.diameter_mm for s in chosen])
         ceilings = None if any(s.ceiling_dice is None for s in chosen) else np.array([s.ceiling_dice for s in chosen])
         bins = {}
-        for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:]):
+        for label, lo, hi in size_bins():
             inside = (diameters >= lo) & (diameters < hi)
             if np.any(inside):
-                label = f"{lo:.0f}-{hi:.0f}mm" if np.isfinite(hi) else f">={lo:.0f}mm"
                 bins[label] = {"lesions": int(inside.sum()), "mean_dice": round(float(dice[inside].mean()), 4)}
                 if ceilings is not None:
                     bins[label]["spacing_ceiling"] = round(float(ceilings[inside].mean()), 4)
@@ -178,9 +183,8 @@ def summarize(scores: Sequence[LesionScore]) -> dict:
 
 def summary_table(summary: dict) -> str:
     """`summarize`'s result as a table for the terminal: one row per prompt kind, mean Dice per size bin (lesions in
-    brackets; '-' where a bin is empty), the spacing ceiling where known."""
-    bins = [f"{lo:.0f}-{hi:.0f}mm" if np.isfinite(hi) else f">={lo:.0f}mm"
-            for lo, hi in zip(SIZE_BINS_MM[:-1], SIZE_BINS_MM[1:])]
+    parentheses; '-' where a bin is empty), the spacing ceiling where known."""
+    bins = [label for label, _, _ in size_bins()]
     header = ["prompt", "lesions", "mean Dice [95 % CI]", "median", "Dice>=0.5", *bins, "ceiling", "s/lesion"]
     rows = [header]
     for kind, row in summary.items():
