@@ -303,6 +303,10 @@ def test_train_command_sets_or_removes_the_point_search(tmp_path, capsys):
     (["--backgrounds", "head_phantom:1=-1"], "must be zero or more"),
     (["--prompt-mix", "0", "0", "0"], "not all zero"),
     (["--init-from", "missing_run/checkpoint_latest.pth"], "no such checkpoint"),
+    (["--features", "8", "--blocks", "1"], "at least 2 stages"),
+    (["--features", "8", "16", "--blocks", "1"], "one entry per stage to both --features and --blocks"),
+    (["--patch-size", "48", "80", "72"], r"\(48, 80, 72\) must be divisible by 16 .* --patch-size"),
+    (["--train-patch-size", "30", "64", "64"], r"\(30, 64, 64\) must be divisible by 16 .* --train-patch-size"),
 ])
 def test_train_command_rejects_bad_settings_before_making_samples(tmp_path, bad, message):
     """Each mistake fails at once with what to do, before minutes of sample generation, and writes nothing."""

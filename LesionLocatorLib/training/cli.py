@@ -149,6 +149,8 @@ def _validate(output: Path, work_dir: Path, args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     config = LiteModelConfig(tuple(args.patch_size), tuple(args.spacing), tuple(args.features), tuple(args.blocks))
+    if args.train_patch_size:
+        config.check_patch(args.train_patch_size, "--train-patch-size")
     work_dir = args.work_dir or args.output.with_name(args.output.name + "_work")
     cache = args.cache or work_dir / "samples"
     own_cache = None

@@ -18,6 +18,7 @@ from ..checkpoint import (
     MODEL_MANIFEST, ModelFolder, build_network_from_architecture, resolve_configuration, save_checkpoint,
 )
 from ..box_refinement import MANIFEST_KEY as REFINEMENT_KEY
+from ..errors import LesionLocatorError
 from ..point_search import MANIFEST_KEY, PointSearch
 
 CONFIGURATION = "3d_fullres"
@@ -34,6 +35,10 @@ OFFICIAL_CT_INTENSITY_PROPERTIES = {
 _RESAMPLING_DEFAULTS = {"order_z": 0, "force_separate_z": None}
 
 
+class ModelConfigError(LesionLocatorError, ValueError):
+    """A Lite network that cannot be built: its stages, blocks and patch do not fit together."""
+
+
 @dataclass(frozen=True)
 class LiteModelConfig:
     patch_size_zyx: tuple[int, int, int] = (48, 80, 80)
@@ -45,10 +50,22 @@ class LiteModelConfig:
     def __post_init__(self) -> None:
         stages = len(self.features_per_stage)
         if len(self.blocks_per_stage) != stages:
-            raise ValueError("features_per_stage and blocks_per_stage need one entry per stage.")
+            raise ModelConfigError(f"Give one entry per stage to both --features and --blocks; got {stages} features "
+                                   f"{list(self.features_per_stage)} and {len(self.blocks_per_stage)} block counts "
+                                   f"{list(self.blocks_per_stage)}.")
+        if stages < 2:
+            raise ModelConfigError("The network needs at least 2 stages (its decoder upsamples from the second): give "
+                                   "--features and --blocks 2 or more entries each, e.g. --features 8 16 --blocks 1 1.")
+        self.check_patch(self.patch_size_zyx)
+
+    def check_patch(self, patch_size_zyx: Sequence[int], option: str = "--patch-size") -> None:
+        """Every stage halves the patch: it must divide by 2^(stages - 1) on every axis."""
+        stages = len(self.features_per_stage)
         divisor = 2 ** (stages - 1)
-        if any(p % divisor for p in self.patch_size_zyx):
-            raise ValueError(f"Patch size {self.patch_size_zyx} must be divisible by {divisor} ({stages} stages).")
+        if any(p <= 0 or p % divisor for p in patch_size_zyx):
+            raise ModelConfigError(f"The patch (z, y, x) {tuple(int(p) for p in patch_size_zyx)} must be "
+                                   f"divisible by {divisor} on every axis for {stages} stages; give a {option} "
+                                   f"of positive multiples of {divisor}, or fewer stages.")
 
     def architecture(self) -> dict:
         stages = len(self.features_per_stage)
