@@ -303,6 +303,8 @@ def test_train_command_sets_or_removes_the_point_search(tmp_path, capsys):
     (["--backgrounds", "head_phantom:1=-1"], "must be zero or more"),
     (["--prompt-mix", "0", "0", "0"], "not all zero"),
     (["--init-from", "missing_run/checkpoint_latest.pth"], "no such checkpoint"),
+    (["--seed", "-1"], "--seed must be zero or more"),
+    (["--validation-cases", "0"], "--validation-cases must be at least 1"),
     (["--features", "8", "--blocks", "1"], "at least 2 stages"),
     (["--features", "8", "16", "--blocks", "1"], "one entry per stage to both --features and --blocks"),
     (["--patch-size", "48", "80", "72"], r"\(48, 80, 72\) must be divisible by 16 .* --patch-size"),
@@ -320,6 +322,20 @@ def test_train_command_rejects_bad_settings_before_making_samples(tmp_path, bad,
     args = parser.parse_args(["--output", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"), *bad])
     with pytest.raises(LesionLocatorError, match=message):
         cli.run(args)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--skip", "segmentation", "tracking", "open_ms"], "Nothing to evaluate"),
+    (["--seed", "-3"], "--seed must be zero or more"),
+    (["--cases-per-background", "0"], "--cases-per-background must be at least 1"),
+    (["--lesions-per-case", "0"], "--lesions-per-case must be at least 1"),
+])
+def test_evaluate_rejects_settings_that_would_score_nothing(tmp_path, capsys, bad, message):
+    from LesionLocatorLib import cli
+
+    assert cli.main(["evaluate", *bad, "-o", str(tmp_path / "out.json")]) == 2
+    assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

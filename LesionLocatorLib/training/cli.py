@@ -102,11 +102,16 @@ def _background_weights(entries: list[str]) -> dict[str, float]:
 def _check_counts(args: argparse.Namespace) -> None:
     """Before minutes of samples: settings that would train nothing or fail only after them."""
     counts = {"--steps": args.steps, "--batch-size": args.batch_size, "--cache-size": args.cache_size}
+    if not args.no_validate:
+        counts["--validation-cases"] = args.validation_cases
     for option, value in counts.items():
         if value < 1:
             raise LesionLocatorError(f"{option} must be at least 1; got {value}.")
     if not args.lr > 0:
         raise LesionLocatorError(f"--lr must be positive; got {args.lr}.")
+    for option, seed in (("--seed", args.seed), ("--validation-seed", args.validation_seed)):
+        if seed < 0:
+            raise LesionLocatorError(f"{option} must be zero or more; got {seed}.")
 
 
 def _prompt_mix(values: list[float]) -> tuple[float, float, float]:

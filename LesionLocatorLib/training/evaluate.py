@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from ..errors import LesionLocatorError
 from ..image import ImageVolume, read_image
 from ..prompts import PointPrompt
 from .validation import (
@@ -198,12 +199,26 @@ def evaluate_own_data(segmenter: Segmenter, dataset: Path, split: str) -> list[L
     return scores
 
 
+def _check_settings(args: argparse.Namespace) -> None:
+    """Mistakes that would otherwise score nothing, or fail only after minutes of scoring."""
+    if {"segmentation", "tracking", "open_ms"} <= set(args.skip) and args.own_data is None:
+        raise LesionLocatorError("Nothing to evaluate: --skip names segmentation, tracking and open_ms, and no "
+                                 "--own-data is given. Skip fewer, or give --own-data.")
+    if args.seed < 0:
+        raise LesionLocatorError(f"--seed must be zero or more; got {args.seed}.")
+    for option, value in (("--cases-per-background", args.cases_per_background),
+                          ("--lesions-per-case", args.lesions_per_case)):
+        if value < 1:
+            raise LesionLocatorError(f"{option} must be at least 1; got {value}.")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
     from ..synthetic.backgrounds import check_background_name, default_data_root
     from ..synthetic.cases import VALIDATION_BACKGROUNDS, make_validation_set
 
+    _check_settings(args)
     for name in args.backgrounds or ():
         check_background_name(name)
     root = resolve_model_root(args.model)
