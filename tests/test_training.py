@@ -339,6 +339,44 @@ def test_evaluate_rejects_settings_that_would_score_nothing(tmp_path, capsys, ba
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["fit-box-refinement", "fit-point-search", "fit-point-extent"])
+@pytest.mark.parametrize("bad, message", [
+    (["--seed", "-1"], "--seed must be zero or more"),
+    (["--cases-per-background", "-2"], "--cases-per-background must be zero (no synthetic lesions) or more"),
+    (["--lesions-per-case", "0"], "--lesions-per-case must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--backgrounds", "brain_atlas_ct"], "are validation backgrounds; fitting on them would leak"),
+    (["--backgrounds", "no_such_scan"], "Unknown background 'no_such_scan'"),
+])
+def test_fit_commands_check_their_settings_before_making_data(tmp_path, capsys, command, bad, message):
+    import shutil
+
+    from LesionLocatorLib import cli
+
+    root = tmp_path / "model"
+    shutil.copytree(BUNDLED, root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert cli.main([command, "-m", str(root), *bad]) == 2
+    assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command, bad, message", [
+    ("fit-box-refinement", ["--hidden", "0"], "--hidden must be at least 1"),
+    ("fit-box-refinement", ["--voxels-per-lesion", "0"], "--voxels-per-lesion must be at least 1"),
+    ("fit-box-refinement", ["--conv-epochs", "0"], "--conv-epochs must be at least 1"),
+    ("fit-point-search", ["--seeds", "0"], "--seeds must be at least 1"),
+    ("fit-point-search", ["--clicks-per-lesion", "0"], "--clicks-per-lesion must be at least 1"),
+    ("fit-point-extent", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("fit-point-extent", ["--lr", "0"], "--lr must be positive"),
+])
+def test_each_fit_command_checks_its_own_counts(capsys, command, bad, message):
+    from LesionLocatorLib import cli
+
+    assert cli.main([command, "-m", str(BUNDLED), *bad]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_evaluate_rejects_an_unknown_background_at_once(capsys):
     from LesionLocatorLib import cli
 

@@ -32,7 +32,9 @@ from ..errors import LesionLocatorError
 from ..image import ImageVolume
 from ..prompts import BoxPrompt
 from ..tanh_layer import TanhLayer, fit_tanh_layer
-from .manifest_fitting import add_data_arguments, own_lesions, progress_printer, synthetic_cases, write_manifest
+from .manifest_fitting import (
+    add_data_arguments, check_fit_settings, own_lesions, progress_printer, synthetic_cases, write_manifest,
+)
 
 MIN_LESIONS = 10  # fewer cannot stand for the lesions a model meets
 BOX_JITTER_VOXELS = 2  # as `lesionlocator evaluate`'s boxes
@@ -255,8 +257,8 @@ def run(args: argparse.Namespace) -> int:
     if args.stages < 0 or (args.stages == 0 and not args.conv_stage):  # before minutes of boxes
         raise LesionLocatorError(f"--stages must be at least 1, or 0 with the convolutional stage; got {args.stages}"
                                  f"{'' if args.conv_stage else ' and --no-conv-stage'}.")
-    if args.conv_epochs < 1 or args.conv_hidden < 1:
-        raise LesionLocatorError("--conv-epochs and --conv-hidden must be at least 1.")
+    check_fit_settings(args, {"--hidden": args.hidden, "--steps": args.steps, "--voxels-per-lesion":
+                              args.voxels_per_lesion, "--conv-epochs": args.conv_epochs, "--conv-hidden": args.conv_hidden})
     if args.folds == 1 or args.folds < 0:
         raise LesionLocatorError(f"--folds must be 0 (no cross-validation) or at least 2; got {args.folds}.")
     root = resolve_model_root(args.model)

@@ -50,13 +50,26 @@ def check_backgrounds(backgrounds: Sequence[str]) -> None:
                                  f"{FITTING_BACKGROUNDS}).")
 
 
+def check_fit_settings(args: argparse.Namespace, at_least_one: dict[str, int]) -> None:
+    """Before minutes of fitting data: the shared data options (`add_data_arguments`) and a command's own counts,
+    named by their options, that must be at least 1."""
+    if args.seed < 0:
+        raise LesionLocatorError(f"--seed must be zero or more; got {args.seed}.")
+    if args.cases_per_background < 0:
+        raise LesionLocatorError(f"--cases-per-background must be zero (no synthetic lesions) or more; got "
+                                 f"{args.cases_per_background}.")
+    for option, value in {"--lesions-per-case": args.lesions_per_case, **at_least_one}.items():
+        if value < 1:
+            raise LesionLocatorError(f"{option} must be at least 1; got {value}.")
+    check_backgrounds(args.backgrounds)
+
+
 def synthetic_cases(args: argparse.Namespace) -> list:
     """The validation-style synthetic cases (with their jittered boxes and clicks) that the options ask for."""
     from ..synthetic.cases import make_validation_set
 
     if args.cases_per_background <= 0:
         return []
-    check_backgrounds(args.backgrounds)
     return make_validation_set(args.seed, args.backgrounds, args.cases_per_background, args.lesions_per_case)
 
 

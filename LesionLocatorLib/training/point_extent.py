@@ -26,7 +26,7 @@ from ..point_extent import (DEFAULT_CHANNELS, DEFAULT_GRID, DEFAULT_SCALES_MM, E
                             faces_of_mask, mirrored)
 from ..point_search import MANIFEST_KEY
 from ..prompts import PointPrompt
-from .manifest_fitting import add_data_arguments, check_backgrounds, progress_printer, write_manifest
+from .manifest_fitting import add_data_arguments, check_fit_settings, progress_printer, write_manifest
 from .point_selector import own_data_clicks, synthetic_clicks
 
 WEIGHTS_FILE = "point_extent.pth"
@@ -172,12 +172,14 @@ def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
 
-    if args.steps < 1 or args.clicks_per_lesion < 1 or args.batch_size < 1:
-        raise LesionLocatorError("--steps, --clicks-per-lesion and --batch-size must be at least 1.")
+    check_fit_settings(args, {"--steps": args.steps, "--clicks-per-lesion": args.clicks_per_lesion,
+                              "--batch-size": args.batch_size})
+    if not args.lr > 0 or args.tuning_cases_per_background < 0:
+        raise LesionLocatorError(f"--lr must be positive and --tuning-cases-per-background zero or more; got "
+                                 f"{args.lr} and {args.tuning_cases_per_background}.")
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    check_backgrounds(args.backgrounds)  # before minutes of samples
     root = resolve_model_root(args.model)
     segmenter = Segmenter(root, device=args.device, preset="fast", point_extent=False)
     if segmenter.point_search is None:

@@ -27,7 +27,9 @@ from ..image import ImageVolume
 from ..point_search import FEATURES, MANIFEST_KEY, Candidate, CandidateSelector, candidate_features
 from ..prompts import PointPrompt
 from ..tanh_layer import fit_tanh_layer
-from .manifest_fitting import add_data_arguments, own_lesions, progress_printer, synthetic_cases, write_manifest
+from .manifest_fitting import (
+    add_data_arguments, check_fit_settings, own_lesions, progress_printer, synthetic_cases, write_manifest,
+)
 
 MIN_CLICKS = 10  # fewer cannot say which candidate to keep
 
@@ -144,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.temperature <= 0:  # before minutes of candidates
         raise LesionLocatorError(f"--temperature must be positive; got {args.temperature}.")
+    check_fit_settings(args, {"--clicks-per-lesion": args.clicks_per_lesion, "--hidden": args.hidden,
+                              "--seeds": args.seeds, "--steps": args.steps})
     root = resolve_model_root(args.model)
     segmenter = Segmenter(root, device=args.device, preset="fast")
     if segmenter.point_search is None:
