@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import LesionLocatorError, PromptError
 from .image import ImageVolume, image_stem, is_image_file, read_image, write_mask, write_volume
-from .prompts import MaskPrompt, Prompt, load_prompt_json, split_instance_mask
+from .prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, load_prompt_json, split_instance_mask
 
 @dataclass
 class Case:
@@ -117,6 +117,19 @@ def read_prompts(path: Path, image: ImageVolume) -> tuple[dict[int, Prompt], dic
     return {k: MaskPrompt(v) for k, v in split_instance_mask(labels.array).items()}, {}
 
 
+def prompt_type_note(stem: str, prompts: dict[int, Prompt], prompt_type: str) -> str | None:
+    """A note for the point or box prompts of a file that -t names the other kind: each is answered by the model for
+    its own kind, where the official LesionLocator_segment runs every prompt through the -t model."""
+    other = {"point": PointPrompt, "box": BoxPrompt}["box" if prompt_type == "point" else "point"]
+    ids = sorted(i for i, prompt in prompts.items() if isinstance(prompt, other))
+    if not ids:
+        return None
+    kind = "point" if other is PointPrompt else "box"
+    return (f"{stem}: lesion(s) {', '.join(map(str, ids))} have {kind} prompts although -t is {prompt_type}: they are "
+            f"answered by the model for {kind}s (the official LesionLocator_segment would run its {prompt_type} model "
+            f"on them). Give -t {kind}, or a file of {prompt_type} prompts, to silence this.")
+
+
 def stderr_progress(enabled: bool):
     def report(fraction: float, stage: str) -> None:
         print(f"\r[{fraction * 100:5.1f}%] {stage:60s}", end="" if fraction < 1 else "\n", file=sys.stderr, flush=True)
@@ -156,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
                 "replace, or --continue_prediction to skip finished cases."
             )
         print(f"{case.stem}: {len(prompts)} lesion(s)", file=sys.stderr)
+        note = prompt_type_note(case.stem, prompts, args.prompt_type)
+        if note:
+            print(note, file=sys.stderr)
         result = segmenter.segment(image, prompts, progress=stderr_progress(not args.disable_progress_bar),
                                    return_probabilities=args.probabilities)
         for lesion_id, mask in result.masks.items():

@@ -162,6 +162,19 @@ def test_cli_never_overwrites_and_can_continue(tmp_path: Path, capsys):
     assert cli.main(command + ["--overwrite"]) == 1
 
 
+def test_cli_notes_prompts_of_the_other_kind_than_its_prompt_type(tmp_path: Path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"1": {"point": list(LESION_1_ZYX)}, "2": {"box": [26, 34, 36, 44, 43, 51]},
+                                   "3": {"point": list(LESION_2_ZYX)}}))
+    command = ["segment", "-i", str(require(IMAGE)), "-p", str(prompts), "-o", str(tmp_path / "out"), "-m",
+               str(require(TINY)), "-device", "cpu", "--preset", "fast", "--disable_progress_bar"]
+    assert cli.main(command + ["-t", "box"]) == 0
+    err = capsys.readouterr().err
+    assert "lesion(s) 1, 3 have point prompts although -t is box" in err and "Give -t point" in err
+    assert cli.main(command + ["-t", "point", "--overwrite"]) == 0
+    assert "lesion(s) 2 have box prompts although -t is point" in capsys.readouterr().err
+
+
 def test_cli_reads_a_dicom_series_folder(tmp_path: Path):
     from golden import SHARED
 
