@@ -48,10 +48,15 @@ def read_track_prompts(paths: list[str], prompt_type: str, baseline: ImageVolume
             errors[lesion_id] = f"lesion {lesion_id} is not a {prompt_type} prompt (-t {prompt_type})"
             del prompts[lesion_id]
         return prompts, errors
+    json_files = [p for p in paths if p.endswith(".json")]
+    if json_files:
+        raise PromptError(f"-t prev_mask takes lesion masks on the baseline's grid, not JSON prompts ({json_files[0]}); "
+                          "give -t point or -t box for a JSON file.")
     masks = [read_image(p) for p in natsorted(paths)]
     for path, mask in zip(natsorted(paths), masks):
         if mask.shape_zyx != baseline.shape_zyx:
-            raise PromptError(f"Mask {path} has shape {mask.shape_zyx}; the baseline {baseline.shape_zyx}.")
+            raise PromptError(f"Mask {path} has shape {mask.shape_zyx}; the baseline {baseline.shape_zyx}. Give "
+                              "masks on the baseline's grid.")
     if len(masks) == 1:
         return {k: MaskPrompt(v, from_instance_map=True) for k, v in split_instance_mask(masks[0].array).items()}, {}
     # a list of per-lesion masks: lesion k is the k-th file in natural order (official numbering)
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     images = [read_image(p) for p in paths]
     prompts, errors = read_track_prompts(args.prompt, args.prompt_type, images[0])
     if not prompts:
-        raise PromptError(f"No usable prompt: {errors}")
+        raise PromptError("No usable prompt: " + "; ".join(errors[k] for k in sorted(errors, key=str)) + ".")
     stems = output_stems(paths[0], paths[1:])
     write_baseline = args.prompt_type != "prev_mask"
     targets = [output / f"{stem}_lesion_{k}.nii.gz" for stem in (stems if write_baseline else stems[1:]) for k in prompts]

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 
 from LesionLocatorLib import cli
 from golden import FIXTURES, require
@@ -59,6 +60,18 @@ def test_wrong_prompt_type_is_a_clear_error(tmp_path: Path, capsys):
                      str(INPUTS / "A_trk_small_fu.nii.gz"), "-p", str(INPUTS / "prompts" / "A_trk_small_bl_inst.nii.gz"),
                      "-t", "point", "-o", str(tmp_path / "o"), "-m", str(TINY), "-device", "cpu"])
     assert code == 2 and "needs one JSON prompt file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt_type, message", [
+    ("prev_mask", "-t prev_mask takes lesion masks on the baseline's grid, not JSON prompts"),
+    ("box", "No usable prompt: lesion 1 is not a box prompt (-t box); lesion 2 is not a box prompt (-t box)."),
+])
+def test_a_json_file_of_the_wrong_kind_is_a_clear_error(tmp_path: Path, capsys, prompt_type, message):
+    code = cli.main(["track", "-bl", str(require(INPUTS / "A_trk_bl.nii.gz")), "-fu", str(INPUTS / "A_trk_fu1.nii.gz"),
+                     "-p", str(INPUTS / "prompts" / "A_trk_bl_points.json"), "-t", prompt_type,
+                     "-o", str(tmp_path / "o"), "-m", str(TINY), "-device", "cpu"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_missing_follow_up_is_a_clear_error(tmp_path: Path, capsys):
