@@ -15,3 +15,11 @@ class PromptError(LesionLocatorError):
 
 class Cancelled(LesionLocatorError):
     """The user cancelled the running job."""
+
+
+def require_at_least(minimum: int, options: dict[str, float]) -> None:
+    """Refuse the first command-line option (named as the user types it) whose value is under `minimum`."""
+    for option, value in options.items():
+        if value < minimum:
+            wanted = "zero or more" if minimum == 0 else f"at least {minimum}"
+            raise LesionLocatorError(f"{option} must be {wanted}; got {value}.")

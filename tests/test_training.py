@@ -342,7 +342,7 @@ def test_evaluate_rejects_settings_that_would_score_nothing(tmp_path, capsys, ba
 @pytest.mark.parametrize("command", ["fit-box-refinement", "fit-point-search", "fit-point-extent"])
 @pytest.mark.parametrize("bad, message", [
     (["--seed", "-1"], "--seed must be zero or more"),
-    (["--cases-per-background", "-2"], "--cases-per-background must be zero (no synthetic lesions) or more"),
+    (["--cases-per-background", "-2"], "--cases-per-background must be zero or more"),
     (["--lesions-per-case", "0"], "--lesions-per-case must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--backgrounds", "brain_atlas_ct"], "are validation backgrounds; fitting on them would leak"),

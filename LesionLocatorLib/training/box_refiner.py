@@ -257,8 +257,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stages < 0 or (args.stages == 0 and not args.conv_stage):  # before minutes of boxes
         raise LesionLocatorError(f"--stages must be at least 1, or 0 with the convolutional stage; got {args.stages}"
                                  f"{'' if args.conv_stage else ' and --no-conv-stage'}.")
-    check_fit_settings(args, {"--hidden": args.hidden, "--steps": args.steps, "--voxels-per-lesion":
-                              args.voxels_per_lesion, "--conv-epochs": args.conv_epochs, "--conv-hidden": args.conv_hidden})
+    check_fit_settings(args, {"--hidden": args.hidden, "--steps": args.steps,
+                              "--voxels-per-lesion": args.voxels_per_lesion, "--conv-epochs": args.conv_epochs,
+                              "--conv-hidden": args.conv_hidden})
     if args.folds == 1 or args.folds < 0:
         raise LesionLocatorError(f"--folds must be 0 (no cross-validation) or at least 2; got {args.folds}.")
     root = resolve_model_root(args.model)

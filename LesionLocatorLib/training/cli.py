@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LesionLocatorError
+from ..errors import LesionLocatorError, require_at_least
 from ..point_search import DEFAULT_BOX_SIZES_MM
 from .plans import NET_FOLDER, TASKS, LiteModelConfig, drop_box_refinement, set_point_search
 from .own_data import fill_own_cache
@@ -104,14 +104,10 @@ def _check_counts(args: argparse.Namespace) -> None:
     counts = {"--steps": args.steps, "--batch-size": args.batch_size, "--cache-size": args.cache_size}
     if not args.no_validate:
         counts["--validation-cases"] = args.validation_cases
-    for option, value in counts.items():
-        if value < 1:
-            raise LesionLocatorError(f"{option} must be at least 1; got {value}.")
+    require_at_least(1, counts)
     if not args.lr > 0:
         raise LesionLocatorError(f"--lr must be positive; got {args.lr}.")
-    for option, seed in (("--seed", args.seed), ("--validation-seed", args.validation_seed)):
-        if seed < 0:
-            raise LesionLocatorError(f"{option} must be zero or more; got {seed}.")
+    require_at_least(0, {"--seed": args.seed, "--validation-seed": args.validation_seed})
 
 
 def _prompt_mix(values: list[float]) -> tuple[float, float, float]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from ..errors import LesionLocatorError
+from ..errors import LesionLocatorError, require_at_least
 from ..image import ImageVolume, read_image
 from ..prompts import PointPrompt
 from .validation import (
@@ -204,12 +204,9 @@ def _check_settings(args: argparse.Namespace) -> None:
     if {"segmentation", "tracking", "open_ms"} <= set(args.skip) and args.own_data is None:
         raise LesionLocatorError("Nothing to evaluate: --skip names segmentation, tracking and open_ms, and no "
                                  "--own-data is given. Skip fewer, or give --own-data.")
-    if args.seed < 0:
-        raise LesionLocatorError(f"--seed must be zero or more; got {args.seed}.")
-    for option, value in (("--cases-per-background", args.cases_per_background),
-                          ("--lesions-per-case", args.lesions_per_case)):
-        if value < 1:
-            raise LesionLocatorError(f"{option} must be at least 1; got {value}.")
+    require_at_least(0, {"--seed": args.seed})
+    require_at_least(1, {"--cases-per-background": args.cases_per_background,
+                         "--lesions-per-case": args.lesions_per_case})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import LesionLocatorError
+from ..errors import LesionLocatorError, require_at_least
 from ..image import ImageVolume
 
 # Training backgrounds with phantom seeds of their own (the validation phantoms are 90001-90003).
@@ -53,14 +53,8 @@ def check_backgrounds(backgrounds: Sequence[str]) -> None:
 def check_fit_settings(args: argparse.Namespace, at_least_one: dict[str, int]) -> None:
     """Before minutes of fitting data: the shared data options (`add_data_arguments`) and a command's own counts,
     named by their options, that must be at least 1."""
-    if args.seed < 0:
-        raise LesionLocatorError(f"--seed must be zero or more; got {args.seed}.")
-    if args.cases_per_background < 0:
-        raise LesionLocatorError(f"--cases-per-background must be zero (no synthetic lesions) or more; got "
-                                 f"{args.cases_per_background}.")
-    for option, value in {"--lesions-per-case": args.lesions_per_case, **at_least_one}.items():
-        if value < 1:
-            raise LesionLocatorError(f"{option} must be at least 1; got {value}.")
+    require_at_least(0, {"--seed": args.seed, "--cases-per-background": args.cases_per_background})
+    require_at_least(1, {"--lesions-per-case": args.lesions_per_case, **at_least_one})
     check_backgrounds(args.backgrounds)
 
 
