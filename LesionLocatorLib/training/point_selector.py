@@ -131,8 +131,6 @@ def collect_for(segmenter, args: argparse.Namespace) -> tuple[np.ndarray, np.nda
     """The candidates of the synthetic lesions and of the --own-data lesions the command line asks for."""
     clicks: Iterable = synthetic_clicks(synthetic_cases(args))
     if args.own_data is not None:
-        if args.clicks_per_lesion < 1:
-            raise LesionLocatorError("--clicks-per-lesion must be at least 1.")
         clicks = chain(clicks, own_data_clicks(args.own_data, args.clicks_per_lesion, args.seed))
     features, dice = collect(segmenter, clicks, progress_printer("candidates of clicks"))
     print(file=sys.stderr)
