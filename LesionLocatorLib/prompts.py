@@ -63,6 +63,13 @@ class MaskPrompt:
 Prompt = Union[PointPrompt, BoxPrompt, MaskPrompt]
 
 
+def prompt_kind(prompt: Prompt) -> str:
+    """'point', 'box' or 'mask': the prompt kinds of the official JSON and of `-t`."""
+    if isinstance(prompt, PointPrompt):
+        return "point"
+    return "box" if isinstance(prompt, BoxPrompt) else "mask"
+
+
 def _physical_to_index_zyx(image: ImageVolume, points, space: str) -> np.ndarray:
     space = space.upper()
     if space == "LPS":

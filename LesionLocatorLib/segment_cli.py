@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import LesionLocatorError, PromptError
 from .image import ImageVolume, image_stem, is_image_file, read_image, write_mask, write_volume
-from .prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, load_prompt_json, split_instance_mask
+from .prompts import MaskPrompt, Prompt, load_prompt_json, prompt_kind, split_instance_mask
 
 @dataclass
 class Case:
@@ -120,11 +120,10 @@ def read_prompts(path: Path, image: ImageVolume) -> tuple[dict[int, Prompt], dic
 def prompt_type_note(stem: str, prompts: dict[int, Prompt], prompt_type: str) -> str | None:
     """A note for the point or box prompts of a file that -t names the other kind: each is answered by the model for
     its own kind, where the official LesionLocator_segment runs every prompt through the -t model."""
-    other = {"point": PointPrompt, "box": BoxPrompt}["box" if prompt_type == "point" else "point"]
-    ids = sorted(i for i, prompt in prompts.items() if isinstance(prompt, other))
+    kind = "box" if prompt_type == "point" else "point"
+    ids = sorted(i for i, prompt in prompts.items() if prompt_kind(prompt) == kind)
     if not ids:
         return None
-    kind = "point" if other is PointPrompt else "box"
     return (f"{stem}: lesion(s) {', '.join(map(str, ids))} have {kind} prompts although -t is {prompt_type}: they are "
             f"answered by the model for {kind}s (the official LesionLocator_segment would run its {prompt_type} model "
             f"on them). Give -t {kind}, or a file of {prompt_type} prompts, to silence this.")

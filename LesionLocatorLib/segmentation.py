@@ -24,7 +24,7 @@ from .point_search import OUTSIDE_LOGIT, Candidate, PointSearch, sigmoid
 from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
 from .prompts import (
     BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
-    point_to_preprocessed, validate_prompt,
+    point_to_preprocessed, prompt_kind, validate_prompt,
 )
 
 Progress = Callable[[float, str], None]
@@ -156,11 +156,8 @@ class Segmenter:
         return self._models[task, fine]
 
     def task_for(self, prompt: Prompt) -> str:
-        if isinstance(prompt, PointPrompt):
-            return "point"
-        if isinstance(prompt, BoxPrompt):
-            return "box"
-        return self.mask_prompt_as
+        kind = prompt_kind(prompt)
+        return self.mask_prompt_as if kind == "mask" else kind
 
     # --- public API --------------------------------------------------------------------------------------------
     def segment(self, image: ImageVolume, prompts: dict[int, Prompt], progress: Progress | None = None,

@@ -16,7 +16,7 @@ from natsort import natsorted
 
 from .errors import LesionLocatorError, PromptError
 from .image import ImageVolume, image_stem, read_image, write_mask
-from .prompts import MaskPrompt, Prompt, load_prompt_json, split_instance_mask
+from .prompts import MaskPrompt, Prompt, load_prompt_json, prompt_kind, split_instance_mask
 from .segment_cli import add_model_options, resolve_model_root, stderr_progress
 
 TRACKING_FORMAT = "lesionlocator-tracking/1"
@@ -43,7 +43,7 @@ def read_track_prompts(paths: list[str], prompt_type: str, baseline: ImageVolume
         if len(paths) != 1 or not paths[0].endswith(".json"):
             raise PromptError(f"-t {prompt_type} needs one JSON prompt file; got {paths}.")
         prompts, errors = load_prompt_json(paths[0])
-        wrong = [k for k, p in prompts.items() if type(p).__name__.lower() != f"{prompt_type}prompt"]
+        wrong = [k for k, p in prompts.items() if prompt_kind(p) != prompt_type]
         for lesion_id in wrong:
             errors[lesion_id] = f"lesion {lesion_id} is not a {prompt_type} prompt (-t {prompt_type})"
             del prompts[lesion_id]
