@@ -23,3 +23,10 @@ def require_at_least(minimum: int, options: dict[str, float]) -> None:
         if value < minimum:
             wanted = "zero or more" if minimum == 0 else f"at least {minimum}"
             raise LesionLocatorError(f"{option} must be {wanted}; got {value}.")
+
+
+def require_positive(options: dict[str, float]) -> None:
+    """Refuse the first command-line option whose value is not above zero (NaN included)."""
+    for option, value in options.items():
+        if not value > 0:
+            raise LesionLocatorError(f"{option} must be positive; got {value}.")

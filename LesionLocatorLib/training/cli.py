@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LesionLocatorError, require_at_least
+from ..errors import LesionLocatorError, require_at_least, require_positive
 from ..point_search import DEFAULT_BOX_SIZES_MM
 from .plans import NET_FOLDER, TASKS, LiteModelConfig, drop_box_refinement, set_point_search
 from .own_data import fill_own_cache
@@ -105,8 +105,7 @@ def _check_counts(args: argparse.Namespace) -> None:
     if not args.no_validate:
         counts["--validation-cases"] = args.validation_cases
     require_at_least(1, counts)
-    if not args.lr > 0:
-        raise LesionLocatorError(f"--lr must be positive; got {args.lr}.")
+    require_positive({"--lr": args.lr})
     require_at_least(0, {"--seed": args.seed, "--validation-seed": args.validation_seed})
 
 

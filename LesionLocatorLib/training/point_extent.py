@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import LesionLocatorError, require_at_least
+from ..errors import LesionLocatorError, require_at_least, require_positive
 from ..image import ImageVolume
 from ..point_extent import (DEFAULT_CHANNELS, DEFAULT_GRID, DEFAULT_SCALES_MM, ENTRY_KEY, MIN_FACE_MM, ExtentNetwork,
                             PointExtent, box_from_faces, box_size_mm, click_samples,
@@ -175,8 +175,7 @@ def run(args: argparse.Namespace) -> int:
     check_fit_settings(args, {"--steps": args.steps, "--clicks-per-lesion": args.clicks_per_lesion,
                               "--batch-size": args.batch_size})
     require_at_least(0, {"--tuning-cases-per-background": args.tuning_cases_per_background})
-    if not args.lr > 0:
-        raise LesionLocatorError(f"--lr must be positive; got {args.lr}.")
+    require_positive({"--lr": args.lr})
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

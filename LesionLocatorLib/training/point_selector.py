@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import LesionLocatorError
+from ..errors import LesionLocatorError, require_positive
 from ..image import ImageVolume
 from ..point_search import FEATURES, MANIFEST_KEY, Candidate, CandidateSelector, candidate_features
 from ..prompts import PointPrompt
@@ -142,8 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from ..segment_cli import resolve_model_root
     from ..segmentation import Segmenter
 
-    if args.temperature <= 0:  # before minutes of candidates
-        raise LesionLocatorError(f"--temperature must be positive; got {args.temperature}.")
+    require_positive({"--temperature": args.temperature})  # before minutes of candidates
     check_fit_settings(args, {"--clicks-per-lesion": args.clicks_per_lesion, "--hidden": args.hidden,
                               "--seeds": args.seeds, "--steps": args.steps})
     root = resolve_model_root(args.model)
