@@ -197,10 +197,14 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateTimepointList()
         self._updateLesionTable()
         self._updateButtons()
-        warning = self.logic.largeModelOnCPUWarning()
-        self.ui.cpuWarningLabel.text = warning
-        self.ui.cpuWarningLabel.visible = bool(warning)
+        self._showWarning(self.ui.cpuWarningLabel, self.logic.largeModelOnCPUWarning())
+        self._showWarning(self.ui.intensityWarningLabel, self.logic.intensityWarning(list(self._parameterNode.timepoints)))
         self.ui.modelFolderPathLineEdit.enabled = self._parameterNode.model != ModelChoice.LITE
+
+    @staticmethod
+    def _showWarning(label, text: str) -> None:
+        label.text = text
+        label.visible = bool(text)
 
     # --- timepoints ------------------------------------------------------------------------------------------
     def onAddTimepoint(self) -> None:

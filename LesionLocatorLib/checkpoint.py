@@ -68,6 +68,11 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"Model file {path} is not valid JSON ({error}).") from error
 
 
+def read_plans(folder: str | Path) -> dict:
+    """A model folder's plans.json, with a clear error when it is missing or not JSON."""
+    return _read_json(Path(folder) / "plans.json")
+
+
 def resolve_configuration(plans: dict, name: str) -> dict:
     """The plans configuration `name` with its `inherits_from` chain resolved (child keys win), by nnU-Net's own
     plans handling."""
@@ -161,7 +166,7 @@ def load_checkpoint_folder(folder: str | Path, folds: list[int] | tuple[int, ...
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"Model folder not found: {folder}")
-    plans = _read_json(folder / "plans.json")
+    plans = read_plans(folder)
     dataset_json = _read_json(folder / "dataset.json")
     if "labels" not in dataset_json:
         raise CheckpointError(f"{folder / 'dataset.json'} has no 'labels' entry.")

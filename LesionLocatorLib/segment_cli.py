@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import LesionLocatorError, PromptError
 from .image import ImageVolume, image_stem, is_image_file, read_image, write_mask, write_volume
+from .intensity_check import expects_hounsfield_units, hu_warning
 from .prompts import MaskPrompt, Prompt, load_prompt_json, prompt_kind, split_instance_mask
 
 @dataclass
@@ -146,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    model_root = resolve_model_root(args.model)
+    check_hu = expects_hounsfield_units(model_root)
     segmenter = Segmenter.from_folder(
-        resolve_model_root(args.model), device=args.device, preset=args.preset, folds=args.folds,
+        model_root, device=args.device, preset=args.preset, folds=args.folds,
         use_tta=False if args.disable_tta else None, mode=args.mode, step_size=args.step_size,
         cpu_bf16=args.bf16, mask_prompt_as=args.prompt_type, point_search=not args.disable_point_search,
         box_refinement=not args.disable_box_refinement, point_extent=not args.disable_point_extent,
@@ -168,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
                 "replace, or --continue_prediction to skip finished cases."
             )
         print(f"{case.stem}: {len(prompts)} lesion(s)", file=sys.stderr)
-        note = prompt_type_note(case.stem, prompts, args.prompt_type)
-        if note:
+        notes = [prompt_type_note(case.stem, prompts, args.prompt_type),
+                 hu_warning(image.array, case.stem) if check_hu else ""]
+        for note in filter(None, notes):
             print(note, file=sys.stderr)
         result = segmenter.segment(image, prompts, progress=stderr_progress(not args.disable_progress_bar),
                                    return_probabilities=args.probabilities)

@@ -16,6 +16,7 @@ from natsort import natsorted
 
 from .errors import LesionLocatorError, PromptError
 from .image import ImageVolume, image_stem, read_image, write_mask
+from .intensity_check import expects_hounsfield_units, hu_warning
 from .prompts import MaskPrompt, Prompt, load_prompt_json, prompt_kind, split_instance_mask
 from .segment_cli import add_model_options, resolve_model_root, stderr_progress
 
@@ -116,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise LesionLocatorError(f"{existing[0]} already exists; nothing was overwritten. Use another -o or --overwrite.")
     output.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker.from_folder(resolve_model_root(args.model), device=args.device, preset=args.preset,
+    model_root = resolve_model_root(args.model)
+    if expects_hounsfield_units(model_root):
+        for warning in filter(None, (hu_warning(image.array, stem) for image, stem in zip(images, stems))):
+            print(warning, file=sys.stderr)
+    tracker = Tracker.from_folder(model_root, device=args.device, preset=args.preset,
                                   folds=args.folds, use_tta=False if args.disable_tta else None,
                                   registration=args.registration, official_list_prompts=args.official_list_prompts,
                                   cpu_bf16=args.bf16, point_search=not args.disable_point_search,

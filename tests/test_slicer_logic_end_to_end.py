@@ -3,7 +3,9 @@
 Runs the same flow as the module's self-test (LesionLocatorSlicer.selftest.endToEndFlow). CPU, preset fast,
 classical registration by default; the GradICON network at 175^3 takes minutes on a CPU and is marked slow.
 """
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,32 @@ def test_three_timepoints_with_the_gradicon_network(tinyLogicSettings):
     scene = slicer.vtkMRMLScene()
     volumes = loadTimepoints(scene, ["bl", "fu1", "fu2"])
     selftest.endToEndFlow(newLogic(scene, "gradicon", **tinyLogicSettings), volumes, lesionPointRAS(volumes[0]))
+
+
+def test_volumes_that_are_not_ct_in_hu_are_named_in_a_warning(tinyLogicSettings, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    logic = newLogic(scene, **tinyLogicSettings)
+    ct, = loadTimepoints(scene, ["bl"])
+    image = read_image(TRACKING_CASE / "A_trk_bl.nii.gz")
+    mrLike = geometry.addVolumeNodeFromImage(
+        scene, replace(image, array=((image.array + 1000.0) * 0.4).astype(np.float32)), name="MR like")
+    assert logic.intensityWarning([ct]) == ""
+    warning = logic.intensityWarning([ct, mrLike, mrLike])
+    assert warning.startswith("MR like's intensities do not look like CT in Hounsfield units") and "\n" not in warning
+    # the voxels change in place (a filter): the warning follows them
+    geometry.voxelArrayView(mrLike)[:] = image.array
+    mrLike.GetImageData().Modified()
+    assert logic.intensityWarning([mrLike]) == ""
+    geometry.voxelArrayView(mrLike)[:] += 1024.0
+    mrLike.GetImageData().Modified()
+    assert "MR like's intensities" in logic.intensityWarning([mrLike])
+    # a model that normalizes as MR (z-score) takes any intensities
+    plans = json.loads((TINY_MODEL / "LesionLocatorTrack" / "plans.json").read_text())
+    for configuration in plans["configurations"].values():
+        configuration["normalization_schemes"] = ["ZScoreNormalization"]
+    (tmp_path / "plans.json").write_text(json.dumps(plans))
+    logic.settings.modelFolder = str(tmp_path)
+    assert logic.intensityWarning([mrLike]) == ""
 
 
 def test_cpu_bfloat16_setting_reaches_both_engines_and_rebuilds_them():

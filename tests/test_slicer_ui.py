@@ -33,6 +33,7 @@ EXPECTED_CLASSES = {
     "saveSegmentationsButton": "QPushButton",
     "modelFolderPathLineEdit": "ctkPathLineEdit",
     "cpuWarningLabel": "QLabel",
+    "intensityWarningLabel": "QLabel",
 }
 # Widgets that the parameter node wrapper can bind to each parameter type (Slicer's GUI connectors).
 CONNECTORS = {"str": {"QComboBox", "ctkComboBox", "QLineEdit"}, "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"},

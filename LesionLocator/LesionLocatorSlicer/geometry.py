@@ -74,6 +74,14 @@ def geometryFromIJKToWorld(ijkToWorld: np.ndarray, name: str = "") -> tuple[tupl
 
 def imageVolumeFromVolumeNode(volumeNode) -> ImageVolume:
     """A copy of the voxels (z, y, x) with the world geometry; the node itself is not modified."""
+    # copy: the worker thread must not share memory that the main thread may modify or free
+    array = voxelArrayView(volumeNode).copy()
+    spacingXYZ, originLPS, directionLPS = geometryFromIJKToWorld(ijkToWorldMatrix(volumeNode), volumeNode.GetName())
+    return ImageVolume(array, spacingXYZ, originLPS, directionLPS, name=volumeNode.GetName())
+
+
+def voxelArrayView(volumeNode) -> np.ndarray:
+    """The node's voxels (z, y, x) as a view of its image data: read on the main thread only, never kept."""
     imageData = volumeNode.GetImageData() if volumeNode is not None else None
     if imageData is None or imageData.GetPointData().GetScalars() is None:
         name = volumeNode.GetName() if volumeNode is not None else "None"
@@ -84,10 +92,7 @@ def imageVolumeFromVolumeNode(volumeNode) -> ImageVolume:
             "LesionLocator needs a scalar (grey-level) volume."
         )
     dimensionsIJK = imageData.GetDimensions()
-    # copy: the worker thread must not share memory that the main thread may modify or free
-    array = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dimensionsIJK[::-1]).copy()
-    spacingXYZ, originLPS, directionLPS = geometryFromIJKToWorld(ijkToWorldMatrix(volumeNode), volumeNode.GetName())
-    return ImageVolume(array, spacingXYZ, originLPS, directionLPS, name=volumeNode.GetName())
+    return numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dimensionsIJK[::-1])
 
 
 def ijkToRASFromImage(image: ImageVolume) -> np.ndarray:

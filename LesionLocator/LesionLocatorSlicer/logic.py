@@ -23,9 +23,10 @@ import vtk
 
 from LesionLocatorLib.errors import LesionLocatorError, PromptError
 from LesionLocatorLib.image import ImageVolume
+from LesionLocatorLib.intensity_check import expects_hounsfield_units, hu_warning
 
 from . import measurements, segments
-from .geometry import imageVolumeFromVolumeNode
+from .geometry import imageVolumeFromVolumeNode, voxelArrayView
 from .prompts import boxCornersFromTwoPoints, boxPromptFromWorldCorners, pointPromptFromWorld, promptFromMarkups
 from .timepoints import orderTimepoints, studyDate
 from .worker import EngineWorker, Job
@@ -193,6 +194,7 @@ class LesionTrackingLogic:
         self.engines = EngineCache()
         self._undoSteps: list[UndoStep] = []
         self._cpuWarning: tuple[Any, str] = (None, "")  # (settings it was computed for, text)
+        self._intensityWarnings: dict[str, tuple[Any, str]] = {}  # volume node ID -> (what it was computed for, text)
         scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose)
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
@@ -225,6 +227,28 @@ class LesionTrackingLogic:
             "Use a CUDA GPU, or the Lite model for interactive use; bfloat16 on the CPU halves the time on CPUs that "
             "support it natively."
         )
+
+    def intensityWarning(self, volumeNodes: list) -> str:
+        """One line for each volume whose intensities do not look like CT in Hounsfield units, when the chosen model
+        normalizes its input as CT ('' otherwise): such a model answers on MR or PET without any error."""
+        return "\n".join(filter(None, (self._intensityWarningOf(node) for node in _unique(volumeNodes) if node)))
+
+    def _intensityWarningOf(self, volumeNode) -> str:
+        imageData = volumeNode.GetImageData()
+        key = (self.settings.model, self.settings.modelFolder, imageData.GetMTime() if imageData else None)
+        cached = self._intensityWarnings.get(volumeNode.GetID())
+        if cached is None or cached[0] != key:
+            cached = (key, self._computeIntensityWarning(volumeNode))
+            self._intensityWarnings[volumeNode.GetID()] = cached
+        return cached[1]
+
+    def _computeIntensityWarning(self, volumeNode) -> str:
+        try:
+            if not expects_hounsfield_units(self.modelRoot()):
+                return ""
+            return hu_warning(voxelArrayView(volumeNode), volumeNode.GetName())
+        except LesionLocatorError:
+            return ""  # no model or no voxels yet: segmenting says so itself
 
     # --- timepoints and lesions ----------------------------------------------------------------------------------
     def orderedTimepoints(self, volumeNodes: list) -> list:
