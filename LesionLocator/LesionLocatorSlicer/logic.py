@@ -23,7 +23,6 @@ import vtk
 
 from LesionLocatorLib.errors import LesionLocatorError, PromptError
 from LesionLocatorLib.image import ImageVolume
-from LesionLocatorLib.intensity_check import expects_hounsfield_units, hu_warning
 
 from . import measurements, segments
 from .geometry import imageVolumeFromVolumeNode, voxelArrayView
@@ -238,15 +237,22 @@ class LesionTrackingLogic:
         key = (self.settings.model, self.settings.modelFolder, imageData.GetMTime() if imageData else None)
         cached = self._intensityWarnings.get(volumeNode.GetID())
         if cached is None or cached[0] != key:
-            cached = (key, self._computeIntensityWarning(volumeNode))
-            self._intensityWarnings[volumeNode.GetID()] = cached
+            warning = self._computeIntensityWarning(volumeNode)
+            if warning is None:
+                return ""
+            cached = self._intensityWarnings[volumeNode.GetID()] = (key, warning)
         return cached[1]
 
-    def _computeIntensityWarning(self, volumeNode) -> str:
+    def _computeIntensityWarning(self, volumeNode) -> str | None:
+        """The warning, '' for none, None while the engine's dependencies (installed on first use) are missing."""
         try:
+            from LesionLocatorLib.intensity_check import expects_hounsfield_units, hu_warning  # torch, nnunetv2
+
             if not expects_hounsfield_units(self.modelRoot()):
                 return ""
             return hu_warning(voxelArrayView(volumeNode), volumeNode.GetName())
+        except ImportError:
+            return None
         except LesionLocatorError:
             return ""  # no model or no voxels yet: segmenting says so itself
 
