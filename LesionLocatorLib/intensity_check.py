@@ -34,9 +34,9 @@ def hu_warning(array_zyx: np.ndarray, name: str = "The image") -> str:
     if high - low >= MIN_SPREAD_HU and (low <= FAT_OR_AIR_HU or high <= BONE_OR_CONTRAST_HU):
         return ""
     return (f"{name}'s intensities do not look like CT in Hounsfield units ({LOW_PERCENTILE}th-{HIGH_PERCENTILE}th "
-            f"percentile {low:.4g} to {high:.4g}). The model normalizes its input as CT, so its answers on MR, PET or "
-            "a CT stored without its rescale slope and intercept are unreliable: use a model trained for this "
-            "modality, or convert the CT to HU.")
+            f"percentile {low:.4g} to {high:.4g}). Models that normalize their input as CT (LesionLocator, "
+            "LesionLocator-Lite) answer unreliably on MR, PET or a CT stored without its rescale slope and intercept, "
+            "and learn badly from them: use a model trained for this modality, or convert the CT to HU.")
 
 
 def expects_hounsfield_units(model_root: str | Path) -> bool:

@@ -13,7 +13,7 @@ from LesionLocatorLib.errors import LesionLocatorError
 from LesionLocatorLib.synthetic.cases import make_case
 from LesionLocatorLib.synthetic.phantoms import make_phantom
 from LesionLocatorLib.training import cli
-from LesionLocatorLib.training.own_data import dataset_cases, fill_own_cache, lesion_masks
+from LesionLocatorLib.training.own_data import dataset_cases, fill_own_cache, lesion_masks, read_case
 from LesionLocatorLib.training.plans import LiteModelConfig
 from LesionLocatorLib.training.samples import TrainingSample, load_sample, save_sample
 from LesionLocatorLib.training.trainer import MixedPool, SamplePool
@@ -112,6 +112,17 @@ def test_labels_on_another_grid_are_a_clear_error(tmp_path):
     sitk.WriteImage(labels, str(tmp_path / "labelsTr" / "c.nii.gz"))
     with pytest.raises(LesionLocatorError, match="not on the grid"):
         fill_own_cache(tmp_path, tmp_path / "cache", TINY)
+
+
+def test_images_that_are_not_ct_in_hu_are_warned_about_and_still_read(dataset, tmp_path, capsys):
+    folder, _ = dataset
+    read_case(folder / "imagesTr" / "a_0000.nii.gz", folder / "labelsTr" / "a.nii.gz")
+    assert "warning" not in capsys.readouterr().err
+    ct = sitk.ReadImage(str(folder / "imagesTr" / "a_0000.nii.gz"), sitk.sitkFloat32)
+    sitk.WriteImage((ct + 1000.0) * 0.4, str(tmp_path / "mr_0000.nii.gz"))  # MR-like magnitudes
+    image, masks = read_case(tmp_path / "mr_0000.nii.gz", folder / "labelsTr" / "a.nii.gz")
+    assert "mr_0000.nii.gz's intensities do not look like CT in Hounsfield units" in capsys.readouterr().err
+    assert image.shape_zyx == masks[0].shape and len(masks) == 2
 
 
 def test_mixed_pool_draws_at_the_share(tmp_path):

@@ -19,13 +19,13 @@ import numpy as np
 
 from ..errors import LesionLocatorError
 from ..image import IMAGE_SUFFIXES, image_stem, is_image_file, read_image
+from ..intensity_check import hu_warning
 from ..preprocessing import Preprocessor
 from .plans import LiteModelConfig, plans_model_folder
 from .samples import cached_sample_paths, lesion_sample, save_sample
 
 CHANNEL_SUFFIX = "_0000"
 SOURCE_FILE = "source.json"
-AIR_HU = -500.0  # a CT in HU has air (around -1000) in its first percentile; MR and PET do not
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
@@ -77,9 +77,9 @@ def _check_pair(image, labels, image_path: Path, label_path: Path) -> None:
         raise LesionLocatorError(f"{label_path} (shape {labels.shape_zyx}, spacing {labels.spacing_zyx}) is not on the "
                                  f"grid of {image_path} ({image.shape_zyx}, {image.spacing_zyx}; origin and "
                                  "direction count too): resample the labels onto the image.")
-    if float(np.percentile(image.array, 1)) > AIR_HU:
-        print(f"warning: {image_path} has no air in HU (1st percentile above {AIR_HU:.0f}); the Lite model normalizes "
-              "CT in HU, so MR, PET or rescaled CT will train badly.", file=sys.stderr)
+    warning = hu_warning(image.array, str(image_path))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def fill_own_cache(dataset: str | Path, folder: str | Path, config: LiteModelConfig, progress=None) -> list[Path]:
