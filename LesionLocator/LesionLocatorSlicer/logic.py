@@ -197,9 +197,10 @@ class LesionTrackingLogic:
         scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose)
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
-        """Undo steps and a running job refer to nodes of the scene being closed: drop them."""
+        """Undo steps, a running job and the intensity warnings refer to nodes of the scene being closed: drop them."""
         self.worker.cancel()
         self._undoSteps = []
+        self._intensityWarnings = {}
 
     # --- settings ----------------------------------------------------------------------------------------------
     def modelRoot(self) -> Path:
