@@ -147,7 +147,7 @@ def test_three_timepoints_with_the_gradicon_network(tinyLogicSettings):
     selftest.endToEndFlow(newLogic(scene, "gradicon", **tinyLogicSettings), volumes, lesionPointRAS(volumes[0]))
 
 
-def test_volumes_that_are_not_ct_in_hu_are_named_in_a_warning(tinyLogicSettings, tmp_path):
+def test_volumes_that_are_not_ct_in_hu_are_named_in_a_warning(tinyLogicSettings, tmp_path, caplog):
     scene = slicer.vtkMRMLScene()
     logic = newLogic(scene, **tinyLogicSettings)
     ct, = loadTimepoints(scene, ["bl"])
@@ -155,6 +155,10 @@ def test_volumes_that_are_not_ct_in_hu_are_named_in_a_warning(tinyLogicSettings,
     mrLike = geometry.addVolumeNodeFromImage(
         scene, replace(image, array=((image.array + 1000.0) * 0.4).astype(np.float32)), name="MR like")
     assert logic.intensityWarning([ct]) == ""
+    # segmenting from the console logs it, once per scan and model
+    for _ in range(2):
+        logic.prepareSegmentation(mrLike, pointRAS=lesionPointRAS(mrLike))
+    assert [r.getMessage()[:7] for r in caplog.records if "intensities" in r.getMessage()] == ["MR like"]
     warning = logic.intensityWarning([ct, mrLike, mrLike])
     assert warning.startswith("MR like's intensities do not look like CT in Hounsfield units") and "\n" not in warning
     # the voxels change in place (a filter): the warning follows them

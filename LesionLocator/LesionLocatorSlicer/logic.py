@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib.util
+import logging
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -230,7 +231,8 @@ class LesionTrackingLogic:
 
     def intensityWarning(self, volumeNodes: list) -> str:
         """One line for each volume whose intensities do not look like CT in Hounsfield units, when the chosen model
-        normalizes its input as CT ('' otherwise): such a model answers on MR or PET without any error."""
+        normalizes its input as CT ('' otherwise): such a model answers on MR or PET without any error. Each new
+        warning is also logged once (the Python console's user sees it when segmenting or tracking)."""
         return "\n".join(filter(None, (self._intensityWarningOf(node) for node in _unique(volumeNodes) if node)))
 
     def _intensityWarningOf(self, volumeNode) -> str:
@@ -241,6 +243,8 @@ class LesionTrackingLogic:
             warning = self._computeIntensityWarning(volumeNode)
             if warning is None:
                 return ""
+            if warning:
+                logging.warning(warning)
             cached = self._intensityWarnings[volumeNode.GetID()] = (key, warning)
         return cached[1]
 
@@ -297,6 +301,7 @@ class LesionTrackingLogic:
 
         image = imageVolumeFromVolumeNode(volumeNode)
         prompt = validate_prompt(promptFromInputs(image, pointRAS, boxRAS, markupsNode), image.shape_zyx)
+        self.intensityWarning([volumeNode])
         lesionId = lesionId if lesionId is not None else max(self.lesionIds(), default=0) + 1
         return SegmentationRequest(volumeNode.GetID(), lesionId, image, prompt, self.modelRoot(), replace(self.settings))
 
@@ -347,6 +352,7 @@ class LesionTrackingLogic:
             raise LesionLocatorError("Choose at least one follow-up scan where the lesion is not segmented already.")
         masks = {(lesionId, volumeID): mask for lesionId, byVolume in sources.items() for volumeID, mask in byVolume.items()}
         images = {node.GetID(): imageVolumeFromVolumeNode(node) for node in timepoints}
+        self.intensityWarning(timepoints)
         return TrackingRequest(list(lesionIds), [node.GetID() for node in timepoints], images, masks, targets,
                                self.modelRoot(), replace(self.settings))
 
