@@ -198,7 +198,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateLesionTable()
         self._updateButtons()
         self._showWarning(self.ui.cpuWarningLabel, self.logic.largeModelOnCPUWarning())
-        self._showWarning(self.ui.intensityWarningLabel, self.logic.intensityWarning(list(self._parameterNode.timepoints)))
+        timepoints = list(self._parameterNode.timepoints)
+        self._showWarning(self.ui.intensityWarningLabel, self.logic.intensityWarning(timepoints))
         self.ui.modelFolderPathLineEdit.enabled = self._parameterNode.model != ModelChoice.LITE
 
     @staticmethod
