@@ -13,6 +13,12 @@ How the diameters are measured and how accurate they are:
   otherwise), and the plane whose cross-section has the longest diameter is kept.
 - Short axis: the longest chord perpendicular to the long axis in that plane. Both are taken on the convex
   hull of the cross-section, as a reader's calliper would measure across a lobulated lesion.
+- Largest short axis (a lymph node's RECIST diameter): over all the axial planes, the longest chord
+  perpendicular to that plane's own long axis; a node is measured on the slice where it is thickest, which
+  need not be the slice where it is longest.
+- Parts (26-connected components of the mask) are a fragmented lesion: RECIST 1.1 adds the long axes of
+  the fragments, so `parts_long_axis_sum_mm` measures each part on its own and sums them (equal to the long
+  axis for a lesion in one piece). The long axis itself spans all parts, as drawn.
 - Maximum 3D diameter: the farthest pair of points of the 3D convex hull of the surface.
 - Volume is the voxel count times the voxel volume (exact for the mask).
 """
@@ -63,6 +69,9 @@ class LesionMeasurement:
     long_axis_lps: Segment | None = None
     short_axis_lps: Segment | None = None
     axial_plane_z_lps: float | None = None
+    largest_short_axis_mm: float | None = None
+    largest_short_axis_lps: Segment | None = None
+    parts_long_axis_sum_mm: float | None = None
     max_diameter_3d_mm: float | None = None
     max_diameter_3d_lps: Segment | None = None
     centroid_lps: Point | None = None
@@ -97,12 +106,18 @@ def measure_lesion(image: ImageVolume, mask: np.ndarray, intensity_unit: str = "
     if voxel_count == 0:
         return LesionMeasurement.not_found(intensity_unit)
 
-    surface = _surface_lps(image, lesion)
-    section = _longest_axial_section(surface, _axial_plane_positions(image, surface.vertices_lps[:, 2]))
+    low_zyx, high_zyx = _bounding_box(lesion)
+    crop = lesion[tuple(slice(lo, hi) for lo, hi in zip(low_zyx, high_zyx))]
+    surface = _surface_lps(image, crop, low_zyx)
+    cuts = _axial_cuts(surface, _axial_plane_positions(image, surface.vertices_lps[:, 2]))
+    section, widest = _longest_axial_section(cuts), _widest_axial_section(cuts)
     diameter_3d_mm, diameter_3d_ends = _max_diameter_3d(surface.vertices_lps)
     centroid_lps = image.index_zyx_to_lps(np.argwhere(lesion).mean(axis=0))
     values = image.array[lesion]
-    n_components = cc3d.connected_components(lesion.astype(np.uint8), connectivity=26, return_N=True)[1]
+    parts, n_components = cc3d.connected_components(crop.astype(np.uint8), connectivity=26, return_N=True)
+    parts_long_axis_sum_mm = (
+        section.long_axis_mm if n_components == 1 else _parts_long_axis_sum(image, parts, low_zyx)
+    )
     return LesionMeasurement(
         found=True,
         intensity_unit=intensity_unit,
@@ -113,6 +128,9 @@ def measure_lesion(image: ImageVolume, mask: np.ndarray, intensity_unit: str = "
         long_axis_lps=_segment_lps(section.long_axis_xy, section.plane_z_lps),
         short_axis_lps=_segment_lps(section.short_axis_xy, section.plane_z_lps),
         axial_plane_z_lps=section.plane_z_lps,
+        largest_short_axis_mm=widest.short_axis_mm,
+        largest_short_axis_lps=_segment_lps(widest.short_axis_xy, widest.plane_z_lps),
+        parts_long_axis_sum_mm=parts_long_axis_sum_mm,
         max_diameter_3d_mm=diameter_3d_mm,
         max_diameter_3d_lps=(_point(diameter_3d_ends[0]), _point(diameter_3d_ends[1])),
         centroid_lps=_point(centroid_lps),
@@ -169,11 +187,14 @@ class _Surface:
         return np.concatenate([crossings, self.vertices_lps[on_plane, :2]])
 
 
-def _surface_lps(image: ImageVolume, lesion: np.ndarray) -> _Surface:
-    """Iso-surface (level 0.5) of the mask's bounding box, in LPS mm."""
-    occupied = np.argwhere(lesion)
-    low_zyx, high_zyx = occupied.min(axis=0), occupied.max(axis=0) + 1
-    crop = lesion[tuple(slice(lo, hi) for lo, hi in zip(low_zyx, high_zyx))]
+def _bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(z, y, x) start and stop (exclusive) of the non-zero voxels."""
+    occupied = np.argwhere(mask)
+    return occupied.min(axis=0), occupied.max(axis=0) + 1
+
+
+def _surface_lps(image: ImageVolume, crop: np.ndarray, low_zyx: np.ndarray) -> _Surface:
+    """Iso-surface (level 0.5) of a mask crop whose first voxel is `low_zyx` on `image`'s grid, in LPS mm."""
     # One empty voxel around the crop closes the surface even where the lesion touches the image border.
     padded = np.pad(crop, 1).astype(np.float32)
     vertices_zyx, faces, _, _ = marching_cubes(padded, level=0.5, allow_degenerate=False)
@@ -214,19 +235,54 @@ def _voxel_axis_along_lps_z(direction_lps: np.ndarray) -> int | None:
 
 
 # --- axial (RECIST) diameters --------------------------------------------------------------------------------
-def _longest_axial_section(surface: _Surface, planes_z: np.ndarray) -> _AxialSection:
-    """Among the axial cuts, the one with the longest diameter (ties: the longer short axis)."""
-    cuts = []  # (plane z, convex hull, long axis ends, long axis mm)
+_Cut = tuple[float, np.ndarray, np.ndarray, float]  # plane z, convex hull (x, y), long axis ends, long axis mm
+
+
+def _axial_cuts(surface: _Surface, planes_z: np.ndarray) -> list[_Cut]:
+    """The surface's cross-section with each axial plane that meets it, as a convex hull and its long axis."""
+    cuts = []
     for plane_z in planes_z:
         points_xy = surface.cross_section_xy(float(plane_z))
         if len(points_xy):
             hull = _convex_polygon(points_xy)
             ends = _farthest_pair(hull)
             cuts.append((float(plane_z), hull, ends, float(np.linalg.norm(ends[1] - ends[0]))))
+    return cuts
+
+
+def _longest_axial_section(cuts: list[_Cut]) -> _AxialSection:
+    """Among the axial cuts, the one with the longest diameter (ties: the longer short axis)."""
     longest = max(cut[3] for cut in cuts)
     # The short axis is needed only where the long axis is (or ties with) the longest one.
     sections = [_axial_section(*cut) for cut in cuts if cut[3] >= longest - _TIE_MM]
     return max(sections, key=lambda section: section.short_axis_mm)
+
+
+def _widest_axial_section(cuts: list[_Cut]) -> _AxialSection:
+    """Among the axial cuts, the one with the longest short axis (each perpendicular to its own long axis)."""
+    widest = None
+    # A cut's short axis is at most its long axis: longest cuts first, stop once no cut can be wider.
+    for cut in sorted(cuts, key=lambda cut: -cut[3]):
+        if widest is not None and cut[3] <= widest.short_axis_mm:
+            break
+        section = _axial_section(*cut)
+        if widest is None or section.short_axis_mm > widest.short_axis_mm + _TIE_MM:
+            widest = section
+    return widest
+
+
+def _parts_long_axis_sum(image: ImageVolume, parts: np.ndarray, low_zyx: np.ndarray) -> float:
+    """Sum of the long axes of each labelled part (a crop starting at `low_zyx`), each measured on its own."""
+    total = 0.0
+    for label, box in enumerate(cc3d.statistics(parts)["bounding_boxes"]):
+        if label == 0:  # the background
+            continue
+        part = parts[box] == label
+        part_low_zyx = low_zyx + np.array([axis.start for axis in box])
+        surface = _surface_lps(image, part, part_low_zyx)
+        cuts = _axial_cuts(surface, _axial_plane_positions(image, surface.vertices_lps[:, 2]))
+        total += _longest_axial_section(cuts).long_axis_mm
+    return total
 
 
 def _axial_section(plane_z: float, hull: np.ndarray, long_ends: np.ndarray, long_mm: float) -> _AxialSection:

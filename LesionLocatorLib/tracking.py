@@ -72,7 +72,9 @@ class LesionAtTimepoint:
     message: str = ""
 
     def summary(self) -> dict:
-        return {"timepoint": self.timepoint, "found": self.found, "volume_ml": round(self.volume_ml, 4),
+        # No volume when not found: 0 would read as a lesion that disappeared.
+        volume_ml = round(self.volume_ml, 4) if self.found else None
+        return {"timepoint": self.timepoint, "found": self.found, "volume_ml": volume_ml,
                 "centre_lps": _rounded(self.centre_lps), "centre_ras": _rounded(self.centre_ras),
                 "source": self.source, "message": self.message}
 

@@ -157,6 +157,40 @@ def test_intensities_units_and_components():
     assert measurement.max_diameter_3d_mm == pytest.approx(20.0, abs=1.0)
 
 
+def test_fragmented_lesion_sums_the_long_axes_of_its_parts():
+    """RECIST 1.1 adds the long axes of a lesion's fragments; the long axis itself spans them all."""
+    direction = rotation((0, 0, 1), 30)  # an axial rotation of the grid: the patient's axial plane is unchanged
+    image, part, _ = ellipsoid_on_grid((12, 48, 64), (0.8, 0.8, 2.0), direction, (4.0, 4.0, 4.0))
+    other = np.zeros_like(part)
+    other[:, :, 20:] = part[:, :, :-20]  # the same ball, 20 voxels (16 mm) further along the grid's x
+    fragments = measure_lesion(image, part | other)
+    whole = measure_lesion(image, part)
+    assert fragments.n_components == 2
+    assert whole.parts_long_axis_sum_mm == pytest.approx(whole.long_axis_mm)
+    assert fragments.parts_long_axis_sum_mm == pytest.approx(2 * whole.long_axis_mm, abs=0.01)
+    assert fragments.long_axis_mm == pytest.approx(16.0 + 8.0, abs=1.0)
+
+
+def test_largest_short_axis_is_found_on_the_thickest_slice():
+    """A node long and thin on one slice, round and thick on another: its RECIST short axis is the thick one."""
+    image = ImageVolume(np.zeros((24, 100, 100), dtype=np.int16), (1.0, 1.0, 2.0), (5.0, -7.0, 11.0))
+    z_mm, y_mm, x_mm = (np.indices(image.shape_zyx) * np.array([2.0, 1.0, 1.0])[:, None, None, None])
+
+    def ellipsoid(centre_xyz, semi_xyz):
+        return sum(((v - c) / a) ** 2 for v, c, a in zip((x_mm, y_mm, z_mm), centre_xyz, semi_xyz)) <= 1.0
+
+    thin = ellipsoid((50, 50, 14), (15, 4, 3.5))  # 30 x 8 mm on its longest slice
+    thick = ellipsoid((50, 50, 22), (9, 9, 5))  # 18 x 18 mm, touching the thin part
+    measurement = measure_lesion(image, (thin | thick).astype(np.uint8))
+    assert measurement.n_components == 1
+    assert measurement.long_axis_mm == pytest.approx(30.0, abs=1.0)
+    assert measurement.short_axis_mm == pytest.approx(8.0, abs=1.0)
+    assert measurement.largest_short_axis_mm == pytest.approx(18.0, abs=1.0)
+    ends = np.asarray(measurement.largest_short_axis_lps)
+    assert np.linalg.norm(ends[1] - ends[0]) == pytest.approx(measurement.largest_short_axis_mm)
+    assert ends[0][2] == ends[1][2] == pytest.approx(11.0 + 22.0)  # on the thick part's middle slice (LPS z)
+
+
 def test_single_voxel_and_lesion_touching_the_border():
     image = ImageVolume(np.zeros((5, 6, 7)), (0.5, 0.5, 2.0))
     mask = np.zeros(image.shape_zyx, dtype=np.uint8)

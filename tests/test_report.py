@@ -163,7 +163,7 @@ def tracking_entry(t: int, lesion_id: int, masks) -> dict:
     return {
         "timepoint": t,
         "found": found,
-        "volume_ml": 0.0,
+        "volume_ml": None,
         "centre_lps": None,
         "centre_ras": None,
         "source": "tracked" if mask is not None else "new",
@@ -225,6 +225,19 @@ def test_cli_reads_images_and_a_mask_folder(tmp_path, capsys):
 
     assert call_cli(["--images", str(image_paths[0]), "-o", str(out)]) == 1
     assert "--masks-dir" in capsys.readouterr().err
+
+
+def test_cli_finds_the_baseline_masks_a_tracking_run_kept_under_prompts(tmp_path):
+    """`track -t prev_mask` writes the follow-up masks and keeps the baseline's under prompts/: not new lesions."""
+    images, masks = synthetic_study()
+    image_paths = write_study(tmp_path, images, masks)
+    (tmp_path / "prompts").mkdir()
+    for baseline_mask in tmp_path.glob(f"{images[0].name}_lesion_*.nii.gz"):
+        baseline_mask.rename(tmp_path / "prompts" / baseline_mask.name)
+    out = tmp_path / "report"
+    assert call_cli(["--images", *map(str, image_paths), "--masks-dir", str(tmp_path), "-o", str(out)]) == 0
+    document = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert document["new_lesion_ids"] == [] and document["target_ids"] == [1, 2]
 
 
 def test_cli_rejects_a_file_that_is_not_a_tracking_result(tmp_path, capsys):

@@ -86,6 +86,7 @@ def test_empty_warped_mask_is_not_found_and_the_chain_goes_on(scans, mode):
     result = tracker.track(scans[:2], {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])})
     record = result.lesions[1][1]
     assert not record.found and record.mask is None and "not found" in record.message
+    assert record.summary()["volume_ml"] is None  # not 0 mL, which would read as a disappearance
     assert result.lesions[1][0].found
 
 

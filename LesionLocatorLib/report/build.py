@@ -38,9 +38,11 @@ class Report:
         return next(s for s in self.series if s.lesion_id == lesion_id)
 
     def role(self, lesion_id: int) -> str:
-        """'target', 'new' or 'excluded' (prompted at baseline but not found there)."""
+        """'target', 'non-target', 'new' or 'excluded' (not found at baseline, or a normal-size node)."""
         if lesion_id in self.response.target_ids:
             return "target"
+        if lesion_id in self.response.non_target_ids:
+            return "non-target"
         return "new" if lesion_id in self.response.new_lesion_ids else "excluded"
 
 

@@ -22,7 +22,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     source.add_argument("tracking", nargs="?", type=Path, help="lesions.json written by `lesionlocator track`")
     source.add_argument("--images", nargs="+", type=Path, help="timepoint images instead, baseline first")
     parser.add_argument(
-        "--masks-dir", type=Path, help="with --images: folder holding <image stem>_lesion_<id>.nii.gz masks"
+        "--masks-dir",
+        type=Path,
+        help="with --images: folder holding <image stem>_lesion_<id>.nii.gz masks (its prompts/ subfolder too)",
     )
     parser.add_argument("--study-dates", nargs="+", help="with --images: one study date per image (shown as given)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the report files")

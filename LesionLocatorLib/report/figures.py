@@ -19,7 +19,7 @@ from scipy.ndimage import map_coordinates
 
 from ..image import ImageVolume
 from ..measurements import LesionMeasurement
-from ..response import BASELINE, CR, NE, PD, PR, PR_FRACTION, SD, LesionSeries
+from ..response import BASELINE, CR, NE, NON_CR_NON_PD, PD, PR, PR_FRACTION, SD, LesionSeries
 from .build import Report
 
 # Pure, distinctive colours: readable on grey CT/MR and easy to find in a rendered page (see the browser test).
@@ -28,7 +28,10 @@ LONG_AXIS_COLOUR = "#00ffff"
 SHORT_AXIS_COLOUR = "#ffff00"
 VOLUME_COLOUR = "#ff6600"
 DIAMETER_COLOUR = "#0066ff"
-CATEGORY_COLOURS = {BASELINE: "#6b7280", CR: "#15803d", PR: "#65a30d", SD: "#ca8a04", PD: "#dc2626", NE: "#7c3aed"}
+CATEGORY_COLOURS = {
+    BASELINE: "#6b7280", CR: "#15803d", PR: "#65a30d", SD: "#ca8a04", PD: "#dc2626", NE: "#7c3aed",
+    NON_CR_NON_PD: "#0e7490",
+}
 CT_WINDOW_HU = (-160.0, 240.0)  # soft-tissue window (level 40, width 400)
 PANEL_PIXELS = 200  # samples across a slice panel
 PANELS_PER_ROW = 5
@@ -81,7 +84,8 @@ def lesion_slices_png(report: Report, lesion_id: int) -> bytes:
         measurement = series.measurements[t]
         if measurement is not None and measurement.found:
             mask = report.masks[lesion_id][t]
-            _draw_slice(axes, report.images[t], mask, measurement, half_width, report.intensity_unit)
+            draw = _draw_node_slice if series.is_lymph_node else _draw_slice
+            draw(axes, report.images[t], mask, measurement, half_width, report.intensity_unit)
         else:
             _draw_missing(axes, series.status(t))
     return _png(figure)
@@ -95,13 +99,16 @@ def lesion_plots_png(report: Report, lesion_id: int) -> bytes:
     volumes = [series.volume_ml(t) for t in range(len(report.timepoints))]
     _plot_series(volume_axes, volumes, VOLUME_COLOUR, "volume", "-")
     volume_axes.set_ylabel("Volume (mL)")
-    long_axes = [_axis_or_zero(series, t, "long_axis_mm") for t in range(len(report.timepoints))]
-    short_axes = [_axis_or_zero(series, t, "short_axis_mm") for t in range(len(report.timepoints))]
-    # The RECIST diameter (short axis for a lymph node) is drawn solid, the other one dashed.
-    node = series.is_lymph_node
-    long_label, short_label = ("long axis", "short axis (RECIST)") if node else ("long axis (RECIST)", "short axis")
-    _plot_series(diameter_axes, long_axes, DIAMETER_COLOUR, long_label, "--" if node else "-")
-    _plot_series(diameter_axes, short_axes, DIAMETER_COLOUR, short_label, "-" if node else "--")
+    n = len(report.timepoints)
+    # The RECIST diameter (a lymph node's largest short axis, else the parts' long axes summed) is drawn solid, the
+    # other axis dashed.
+    if series.is_lymph_node:
+        recist_label, other_label, other_field = "RECIST: largest short axis", "long axis", "long_axis_mm"
+    else:
+        recist_label, other_label, other_field = "RECIST: long axis (parts summed)", "short axis", "short_axis_mm"
+    other_axis = [_axis_or_zero(series, t, other_field) for t in range(n)]
+    _plot_series(diameter_axes, [series.diameter_mm(t) for t in range(n)], DIAMETER_COLOUR, recist_label, "-")
+    _plot_series(diameter_axes, other_axis, DIAMETER_COLOUR, other_label, "--")
     diameter_axes.set_ylabel("Axial diameter (mm)")
     diameter_axes.legend(fontsize=8, frameon=False)
     for axes in (volume_axes, diameter_axes):
@@ -137,24 +144,47 @@ def _view_half_width(series: LesionSeries) -> float:
     return float(np.clip(1.3 * max(diameters, default=0.0), 10.0, 75.0))
 
 
-def _draw_slice(
-    axes: Axes, image: ImageVolume, mask: np.ndarray, measurement: LesionMeasurement, half_width: float, unit: str
-) -> None:
-    long_axis = np.asarray(measurement.long_axis_lps)
-    view = axial_view(image, mask, long_axis.mean(axis=0), half_width)
+def _show_view(axes: Axes, view: AxialView, unit: str) -> None:
+    """The slice image and the mask's contour, on the view's LPS extent."""
     low, high = _display_window(view.image, unit)
     axes.imshow(view.image, cmap=SLICE_COLOURMAP, vmin=low, vmax=high, extent=view.extent_lps, interpolation="bilinear")
     if view.mask.max() >= 0.5:
         x_lps = np.linspace(view.extent_lps[0], view.extent_lps[1], view.mask.shape[1])
         y_lps = np.linspace(view.extent_lps[3], view.extent_lps[2], view.mask.shape[0])
         axes.contour(x_lps, y_lps, view.mask, levels=[0.5], colors=CONTOUR_COLOUR, linewidths=1.6)
+    axes.set_xlim(view.extent_lps[0], view.extent_lps[1])
+    axes.set_ylim(view.extent_lps[2], view.extent_lps[3])
+
+
+def _draw_slice(
+    axes: Axes, image: ImageVolume, mask: np.ndarray, measurement: LesionMeasurement, half_width: float, unit: str
+) -> None:
+    long_axis = np.asarray(measurement.long_axis_lps)
+    view = axial_view(image, mask, long_axis.mean(axis=0), half_width)
+    _show_view(axes, view, unit)
     short_axis = np.asarray(measurement.short_axis_lps)
     axes.plot(long_axis[:, 0], long_axis[:, 1], color=LONG_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
     axes.plot(short_axis[:, 0], short_axis[:, 1], color=SHORT_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
-    axes.set_xlim(view.extent_lps[0], view.extent_lps[1])
-    axes.set_ylim(view.extent_lps[2], view.extent_lps[3])
     m = measurement
     axes.set_xlabel(f"LD {m.long_axis_mm:.1f} mm · SA {m.short_axis_mm:.1f} mm\n{m.volume_ml:.2f} mL", fontsize=8)
+    _hide_ticks(axes)
+
+
+def _draw_node_slice(
+    axes: Axes, image: ImageVolume, mask: np.ndarray, measurement: LesionMeasurement, half_width: float, unit: str
+) -> None:
+    """A lymph node on the slice of its largest short axis (its RECIST diameter), with that axis drawn."""
+    short_axis = np.asarray(measurement.largest_short_axis_lps)
+    view = axial_view(image, mask, short_axis.mean(axis=0), half_width)
+    _show_view(axes, view, unit)
+    if np.isclose(short_axis[0, 2], measurement.axial_plane_z_lps):  # the long axis lies on this slice too
+        long_axis = np.asarray(measurement.long_axis_lps)
+        axes.plot(long_axis[:, 0], long_axis[:, 1], color=LONG_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
+    axes.plot(short_axis[:, 0], short_axis[:, 1], color=SHORT_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
+    m = measurement
+    axes.set_xlabel(
+        f"SA {m.largest_short_axis_mm:.1f} mm (largest) · LD {m.long_axis_mm:.1f} mm\n{m.volume_ml:.2f} mL", fontsize=8
+    )
     _hide_ticks(axes)
 
 

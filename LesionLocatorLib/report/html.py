@@ -71,10 +71,15 @@ def _response_section(report: Report) -> str:
             )
         )
     notes = "".join(f"<p class='muted'>{escape(note)}</p>" for note in report.response.notes)
-    targets = ", ".join(report.lesion(i).name for i in report.response.target_ids) or "none"
+    targets, non_targets = (
+        ", ".join(report.lesion(i).name for i in ids) or "none"
+        for ids in (report.response.target_ids, report.response.non_target_ids)
+    )
     return (
-        "<section><h2>RECIST 1.1 target-lesion response</h2>"
-        f"<p class='muted'>Target lesions: {escape(targets)}. Lymph nodes count with their short axis.</p>"
+        "<section><h2>RECIST 1.1 response</h2>"
+        f"<p class='muted'>Target lesions: {escape(targets)}. Non-target lesions: {escape(non_targets)}. "
+        "Lymph nodes count with their largest short axis. Changes of a partial sum (a target not measured) are not "
+        "shown.</p>"
         f"<table>{header}{''.join(rows)}</table>{notes}</section>"
     )
 
@@ -87,7 +92,8 @@ def _lesion_section(report: Report, lesion_id: int, figures: dict[str, bytes]) -
         f"<span style='background:{CONTOUR_COLOUR}'></span>segmentation contour"
         f"<span style='background:{LONG_AXIS_COLOUR}'></span>long axis"
         f"<span style='background:{SHORT_AXIS_COLOUR}'></span>short axis"
-        " — axial slice with the longest diameter, radiological view (patient's right on the left)</p>"
+        " — axial slice with the longest diameter (a lymph node: with its largest short axis), radiological view "
+        "(patient's right on the left)</p>"
     )
     return (
         f"<section id='lesion-{lesion_id}'><h2>{escape(series.name)} "
@@ -117,7 +123,7 @@ def _measurement_table(report: Report, lesion_id: int) -> str:
                     escape(report.timepoints[change.timepoint].name),
                     escape(change.status),
                     _number(change.volume_ml.value, 2),
-                    _change(change.volume_ml, "baseline", "mL"),
+                    _change(change.volume_ml, "baseline", "mL", decimals=2),
                     _number(m.long_axis_mm if found else None, 1),
                     _number(m.short_axis_mm if found else None, 1),
                     _number(change.diameter_mm.value, 1),
@@ -140,10 +146,17 @@ def _methods_section(report: Report) -> str:
         "Volume: voxel count × voxel volume. Diameters are measured on the marching-cubes surface of each mask in "
         "physical space (accurate to within one voxel): the long axis is the longest diameter over the patient's "
         "axial planes (LPS z = const) through the lesion, the short axis the longest chord perpendicular to it in "
-        "that plane, both on the cross-section's convex hull. RECIST 1.1: the sum of target diameters (long axis; "
-        "short axis for lymph nodes) gives PR at ≤ −30 % from baseline, PD at ≥ +20 % and ≥ 5 mm from the nadir "
-        "(the smallest earlier sum) or with any new lesion, CR when all non-nodal targets are gone and all nodal "
-        "targets are below 10 mm short axis, NE when a target was not measured and no progression is proven, SD otherwise. "
+        "that plane, both on the cross-section's convex hull; the largest short axis is the longest such chord on "
+        "any axial plane. RECIST 1.1: a lesion's diameter is its long axis (the long axes of its parts added when "
+        "it broke into parts), a lymph node's its largest short axis. At baseline, lesions of at least 10 mm and "
+        "nodes of at least 15 mm are measurable; the five largest are the target lesions (organs are not known, so "
+        "the limit of two per organ is not applied), the others non-target lesions; nodes under 10 mm are normal "
+        "and not followed. The sum of target diameters gives PR at ≤ −30 % from baseline, PD at ≥ +20 % and ≥ 5 mm "
+        "from the nadir (the smallest earlier complete sum); any new lesion not confirmed absent, or a lesion "
+        "coming back after a complete response, is PD. CR needs every lesion gone and every node under 10 mm; "
+        "targets gone with non-target lesions left give PR; NE when a target was not measured and no progression "
+        "is proven; with non-target lesions only, Non-CR/non-PD while one is present. Unequivocal progression of "
+        "non-target lesions is a reader's judgement and is not assessed. "
         f"Intensities in {escape(report.intensity_unit)} units.</p></section>"
     )
 
@@ -165,12 +178,12 @@ def _number(value: float | None, decimals: int) -> str:
     return "–" if value is None else f"{value:.{decimals}f}"
 
 
-def _change(change: Change, reference: str, unit: str) -> str:
+def _change(change: Change, reference: str, unit: str, decimals: int = 1) -> str:
     absolute = getattr(change, f"change_from_{reference}")
     percent = getattr(change, f"change_from_{reference}_pct")
     if absolute is None:
         return "–"
-    text = f"{absolute:+.1f} {unit}"
+    text = f"{absolute:+.{decimals}f} {unit}"
     return text if percent is None else f"{text} ({percent:+.0f} %)"
 
 

@@ -62,7 +62,9 @@ def load_tracking_result(path: str | os.PathLike) -> ReportInputs:
 def load_images_and_masks(image_paths: list[str | os.PathLike], masks_dir: str | os.PathLike) -> ReportInputs:
     """Timepoint images (baseline first) and masks named `<image stem>_lesion_<id>.nii.gz` in `masks_dir`.
 
-    A lesion starts at the first timepoint that has its mask; a later missing mask means not segmented.
+    Masks in `masks_dir/prompts/` count too (where `lesionlocator track -t prev_mask` keeps the baseline masks it
+    was given); one in `masks_dir` itself wins. A lesion starts at the first timepoint that has its mask; a later
+    missing mask means not segmented.
     """
     masks_dir = Path(masks_dir)
     if not masks_dir.is_dir():
@@ -113,7 +115,11 @@ def _add_tracked_lesion(inputs: ReportInputs, lesion_id: int, lesion: dict, fold
 
 def _lesion_mask_files(masks_dir: Path, stem: str) -> dict[int, Path]:
     pattern = re.compile(re.escape(stem) + r"_lesion_(\d+)\.nii\.gz$")
-    return {int(match.group(1)): p for p in masks_dir.iterdir() if (match := pattern.match(p.name))}
+    files = {}
+    for folder in (masks_dir / "prompts", masks_dir):  # the later folder wins
+        if folder.is_dir():
+            files.update({int(match.group(1)): p for p in folder.iterdir() if (match := pattern.match(p.name))})
+    return files
 
 
 def _read_json(path: Path) -> dict:
