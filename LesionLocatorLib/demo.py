@@ -76,12 +76,24 @@ def print_summary(output: Path, sample: Path) -> None:
     print(f"\nreport: {output / 'report' / 'report.html'}")
 
 
+def _make_output_folder(output: Path) -> None:
+    """Made before minutes of work; a file at or on the path is a clear error, never replaced."""
+    if output.exists() and not output.is_dir():
+        raise LesionLocatorError(f"-o {output} is a file; give a folder for the demo's output (nothing was changed).")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a part of the path is a file, or no permission
+        raise LesionLocatorError(f"Cannot make the output folder {output} ({error.strerror}); give -o a folder "
+                                 "you can write to, with no file on its path.") from error
+
+
 def run(args: argparse.Namespace) -> int:
     from .report import cli as report_cli
     from . import track_cli
 
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
+    _make_output_folder(output)
+    if any(output.iterdir()) and not args.overwrite:
         raise LesionLocatorError(f"{output} already holds files; nothing was overwritten. Use --overwrite or another -o.")
     sample = output / "sample"
     print(f"making the sample case in {sample} ...")

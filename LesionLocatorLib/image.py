@@ -149,6 +149,12 @@ def read_image(path: str | os.PathLike) -> ImageVolume:
             f"Could not read {path}: {str(error).strip().splitlines()[-1]}. "
             "Supported: .nii/.nii.gz, .nrrd, .mha/.mhd and DICOM series folders."
         ) from error
+    except ValueError as error:  # a grid ImageVolume refuses: sheared axes (e.g. a CT with gantry tilt)
+        raise ImageReadError(
+            f"Cannot use {path}: {error} Its voxel axes must be perpendicular: resample it onto a regular grid "
+            "first (e.g. with 3D Slicer or SimpleITK, or dcm2niix's gantry-tilt correction for DICOM) and give "
+            "the resampled image."
+        ) from error
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

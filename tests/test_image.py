@@ -54,6 +54,16 @@ def test_bad_images_are_reported(tmp_path):
         ImageVolume(np.zeros((2, 2, 2)), direction_lps=np.zeros((3, 3)))
 
 
+def test_a_sheared_grid_is_a_clear_error_that_says_to_resample(tmp_path):
+    """A non-orthogonal NRRD (e.g. a CT with gantry tilt) is refused with what to do, not a bare ValueError."""
+    header = ("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: 4 4 3\n"
+              "space directions: (1,0,0) (0.5,1,0) (0,0,2)\nkinds: domain domain domain\nendian: little\n"
+              "encoding: raw\nspace origin: (0,0,0)\n\n")
+    (tmp_path / "shear.nrrd").write_bytes(header.encode() + np.zeros(4 * 4 * 3, "<i2").tobytes())
+    with pytest.raises(ImageReadError, match="shear.nrrd.*orthonormal.*perpendicular: resample it"):
+        read_image(tmp_path / "shear.nrrd")
+
+
 def test_dicom_series_folder_is_read():
     from golden import SHARED, require
 

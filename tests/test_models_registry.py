@@ -162,6 +162,27 @@ def test_cli_list_path_clear(tmp_path, capsys):
     assert f"deleted {installed}" in capsys.readouterr().out and not installed.exists()
 
 
+def test_cli_clear_deletes_only_what_the_package_put_in_the_cache(tmp_path, capsys):
+    """A user-chosen cache folder may hold the user's own models and files, even under models/ and downloads/."""
+    installed = write_model_root(tmp_path / "models" / "lesionlocator")
+    staging = tmp_path / "models" / ".staging-lesionlocator-x1y2"
+    staging.mkdir()
+    part = tmp_path / "downloads" / "LesionLocatorModel.zip.part"
+    part.parent.mkdir()
+    part.write_bytes(b"half")
+    own = [write_model_root(tmp_path / "models" / "my_finetuned_model"), tmp_path / "downloads" / "patient_scans.zip",
+           tmp_path / "notes.txt"]
+    for path in own[1:]:
+        path.write_text("user data")
+    assert run_cli(["--cache-dir", str(tmp_path), "clear"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"deleted {path}" in printed for path in (installed, staging, part))
+    assert not any(path.exists() for path in (installed, staging, part))
+    assert all(path.exists() for path in own) and "my_finetuned_model" not in printed
+    assert run_cli(["--cache-dir", str(tmp_path), "clear"]) == 0
+    assert "nothing to delete" in capsys.readouterr().out
+
+
 def test_cli_download_requires_licence_acceptance(tmp_path, capsys):
     assert run_cli(["--cache-dir", str(tmp_path), "download", "lesionlocator"]) == 1
     assert "--accept-licence" in capsys.readouterr().err

@@ -101,6 +101,30 @@ def test_existing_report_is_not_overwritten_without_permission(tmp_path):
     assert paths["html"].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
+def test_a_failed_report_leaves_no_file_behind_and_the_rerun_works(tmp_path, monkeypatch):
+    """Every file is made before any is written: a failure (here, the page) leaves nothing that blocks a rerun."""
+    from LesionLocatorLib.report import output
+
+    images, masks = synthetic_study()
+    report = build_report(images, {1: masks[1]})
+
+    def broken_page(*_):
+        raise RuntimeError("page failed")
+
+    monkeypatch.setattr(output, "render_html", broken_page)
+    with pytest.raises(RuntimeError, match="page failed"):
+        write_report(report, tmp_path / "report")
+    assert not (tmp_path / "report").exists() or not any((tmp_path / "report").iterdir())
+    monkeypatch.undo()
+    assert {p.name for p in write_report(report, tmp_path / "report").values()} == set(REPORT_FILES.values())
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(REPORT_FILES.values())
+    (tmp_path / "file").write_text("user data")
+    for out, message in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "x", "lies under the file")]:
+        with pytest.raises(ReportError, match=message):
+            write_report(report, out)
+    assert (tmp_path / "file").read_text() == "user data"
+
+
 def test_new_lesion_and_missing_masks(tmp_path):
     images, masks = synthetic_study(n_timepoints=3)
     masks[2][2] = np.zeros(SHAPE_ZYX, dtype=np.uint8)  # the node's segmentation came back empty
@@ -245,3 +269,34 @@ def test_cli_rejects_a_file_that_is_not_a_tracking_result(tmp_path, capsys):
     assert call_cli([str(tmp_path / "lesions.json"), "-o", str(tmp_path / "out")]) == 1
     assert "lesionlocator-tracking/1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_says_what_to_give_for_a_folder_or_a_malformed_tracking_result(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    out = tmp_path / "out"
+    assert call_cli([str(tmp_path / "run"), "-o", str(out)]) == 1
+    assert "is a folder; give the lesions.json inside it" in capsys.readouterr().err
+    malformed = [([], "'lesions' must map lesion ids to lesions"), ({"1": []}, "lesion 1 must be an object")]
+    for lesions, message in malformed:
+        document = {"format": "lesionlocator-tracking/1", "timepoints": [], "lesions": lesions}
+        (tmp_path / "lesions.json").write_text(json.dumps(document), encoding="utf-8")
+        assert call_cli([str(tmp_path / "lesions.json"), "-o", str(out)]) == 1
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_shows_a_numeric_study_date_as_written(tmp_path):
+    """A user who fills in the tracker's `"study_date": null` with a number gets the report, not a crash."""
+    images, masks = synthetic_study()
+    write_study(tmp_path, images, {1: masks[1]})
+    tracking = {
+        "format": "lesionlocator-tracking/1",
+        "timepoints": [{"index": t, "name": f"tp{t}", "image": f"tp{t}.nii.gz", "study_date": 20240102 + t}
+                       for t in range(2)],
+        "lesions": {"1": {"timepoints": [tracking_entry(t, 1, masks) for t in range(2)]}},
+    }
+    (tmp_path / "lesions.json").write_text(json.dumps(tracking), encoding="utf-8")
+    assert call_cli([str(tmp_path / "lesions.json"), "-o", str(tmp_path / "report")]) == 0
+    document = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
+    assert [t["study_date"] for t in document["timepoints"]] == ["20240102", "20240103"]
+    assert "20240103" in (tmp_path / "report" / "report.html").read_text(encoding="utf-8")

@@ -282,16 +282,50 @@ def test_train_command_sets_or_removes_the_point_search(tmp_path, capsys):
 
     assert cli.run(parser.parse_args(common + ["--tasks", "point"])) == 0  # no box network: no search yet
     assert "point_search" not in manifest() and "needs a box network" in capsys.readouterr().err
-    assert cli.run(parser.parse_args(common + ["--tasks", "box", "track", "--point-search", "10", "30"])) == 0
+    assert cli.run(parser.parse_args(common + ["--tasks", "box", "track", "--point-search", "10", "30",
+                                               "--overwrite"])) == 0
     assert manifest()["point_search"] == {"box_sizes_mm": [10.0, 30.0]}
     assert Segmenter(root, device="cpu").point_search.box_sizes_mm == (10.0, 30.0)
     capsys.readouterr()
     (root / MODEL_MANIFEST).write_text(json.dumps({**manifest(), "box_refinement": {"fitted": "for the old network"}}))
-    assert cli.run(parser.parse_args(common + ["--tasks", "box", "--no-point-search"])) == 0
+    assert cli.run(parser.parse_args(common + ["--tasks", "box", "--no-point-search", "--overwrite"])) == 0
     assert "point_search" not in manifest() and manifest()["tasks"]["point"] == "net_point"
     assert "box_refinement" not in manifest() and "fit-box-refinement" in capsys.readouterr().err
     with pytest.raises(LesionLocatorError, match="positive"):
         cli.run(parser.parse_args(common + ["--point-search", "0", "10"]))
+
+
+def test_train_command_keeps_an_earlier_checkpoint_and_model_unless_told_to_overwrite(tmp_path):
+    """A second run into the same --output neither restarts over the resumable checkpoint nor replaces the exported
+    network: it stops at once (before making samples) and says what to do; --overwrite replaces both."""
+    import argparse
+
+    from LesionLocatorLib.errors import LesionLocatorError
+    from LesionLocatorLib.training import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    root, work = tmp_path / "model", tmp_path / "work"
+    common = ["--output", str(root), "--cache-size", "2", "--steps", "1", "--patch-size", "16", "32", "32",
+              "--spacing", "3", "3", "3", "--features", "4", "8", "16", "--blocks", "1", "1", "1", "--backgrounds",
+              "head_phantom:7=1", "--device", "cpu", "--no-validate"]
+    assert cli.run(parser.parse_args(common + ["--work-dir", str(work)])) == 0
+    saved = [work / "checkpoint_latest.pth", root / "net" / "fold_0" / "checkpoint_final.pth"]
+    before = [path.read_bytes() for path in saved]
+    with pytest.raises(LesionLocatorError, match="holds an earlier training run.*--resume.*--overwrite"):
+        cli.run(parser.parse_args(common + ["--work-dir", str(work), "--seed", "1"]))
+    with pytest.raises(LesionLocatorError, match=r"holds the network\(s\) in .*net for point/box/track.*--overwrite"):
+        cli.run(parser.parse_args(common + ["--work-dir", str(tmp_path / "other_work")]))
+    with pytest.raises(LesionLocatorError, match="net for point"):  # net_point is new, but point's network is net
+        cli.run(parser.parse_args(common + ["--work-dir", str(tmp_path / "other_work"), "--tasks", "point"]))
+    with pytest.raises(LesionLocatorError, match="already holds the network"):  # continuing replaces it too
+        cli.run(parser.parse_args(common + ["--work-dir", str(work), "--resume", "--steps", "2"]))
+    assert [path.read_bytes() for path in saved] == before and not (tmp_path / "other_work").exists()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(LesionLocatorError, match="is a file; give a folder"):
+        cli.run(parser.parse_args(common + ["--work-dir", str(tmp_path / "file" / "work")]))
+    assert cli.run(parser.parse_args(common + ["--work-dir", str(work), "--seed", "1", "--overwrite"])) == 0
+    assert all(path.read_bytes() != old for path, old in zip(saved, before))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -60,25 +60,29 @@ def part_file(cache_dir: Path, archive_name: str) -> Path:
 
 
 def clear_cache(cache_dir: Path, name: str | None = None, archive_name: str | None = None) -> list[Path]:
-    """Delete an installed model and its partial download (or, without `name`, every model and download).
+    """Delete what this package put in the cache for the registered model `name`: its installed folder, its staging
+    folders and the partial download of `archive_name`; without `name`, that of every downloadable model.
 
-    Returns the paths that were deleted. Only this package's sub-folders are touched, never the whole
-    cache folder (it may be a user-chosen folder that holds other files).
+    Returns the paths that were deleted. Nothing else is touched, not even under models/ or downloads/: the cache
+    may be a user-chosen folder that holds the user's own files.
     """
     if name is None:
-        targets = [models_dir(cache_dir), cache_dir / DOWNLOADS_SUBDIR]
+        from .registry import DOWNLOAD, REGISTRY  # registry imports this module
+
+        return [path for source in REGISTRY.values() if source.kind == DOWNLOAD
+                for path in clear_cache(cache_dir, source.name, source.archive_name)]
+    targets = [installed_model_dir(cache_dir, name), *sorted(models_dir(cache_dir).glob(f"{STAGING_PREFIX}{name}-*"))]
+    if archive_name:
+        targets.append(part_file(cache_dir, archive_name))
+    return [target for target in targets if _delete(target)]
+
+
+def _delete(path: Path) -> bool:
+    """Delete a file, link or folder; False when there is nothing there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
     else:
-        targets = [installed_model_dir(cache_dir, name)]
-        if archive_name:
-            targets.append(part_file(cache_dir, archive_name))
-        targets += sorted(models_dir(cache_dir).glob(f"{STAGING_PREFIX}{name}-*"))
-    removed = []
-    for target in targets:
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        else:
-            continue
-        removed.append(target)
-    return removed
+        return False
+    return True

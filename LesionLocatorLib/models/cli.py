@@ -25,7 +25,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     download.add_argument("--force", action="store_true", help="download again even if it is installed")
     path = commands.add_parser("path", help="print the folder to pass as the model root")
     path.add_argument("model", help="a registered model name or a local model folder")
-    clear = commands.add_parser("clear", help="delete downloaded models and partial downloads")
+    clear = commands.add_parser("clear", help="delete downloaded models and their partial downloads (nothing else "
+                                              "in the cache folder)")
     clear.add_argument("name", nargs="?", choices=DOWNLOADABLE, help="only this model (default: all)")
 
 

@@ -60,7 +60,7 @@ def _response_section(report: Report) -> str:
             _row(
                 [
                     escape(row.timepoint.name),
-                    escape(row.timepoint.study_date or "–"),
+                    escape(str(row.timepoint.study_date or "–")),
                     total,
                     _change(row.sum_diameters, "baseline", "mm"),
                     _change(row.sum_diameters, "nadir", "mm"),

@@ -45,13 +45,13 @@ def load_tracking_result(path: str | os.PathLike) -> ReportInputs:
             images=images,
             masks={},
             timepoint_names=[str(entry.get("name") or image.name) for entry, image in zip(timepoints, images)],
-            study_dates=[entry.get("study_date") for entry in timepoints],
+            study_dates=[_study_date(entry.get("study_date")) for entry in timepoints],
         )
-        for key, lesion in document["lesions"].items():
-            _add_tracked_lesion(inputs, int(key), lesion, folder)
+        for key, lesion in _mapping(document["lesions"], "'lesions' must map lesion ids to lesions", path).items():
+            _add_tracked_lesion(inputs, int(key), _mapping(lesion, f"lesion {key} must be an object", path), folder)
     except ReportError:
         raise
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise ReportError(
             f"{path} does not follow the {TRACKING_FORMAT} layout ({type(error).__name__}: {error}); "
             "give the lesions.json written by `lesionlocator track`."
@@ -90,6 +90,20 @@ def load_images_and_masks(image_paths: list[str | os.PathLike], masks_dir: str |
     return ReportInputs(images=images, masks=masks, timepoint_names=stems, study_dates=[None] * len(images))
 
 
+def _study_date(value: object) -> str | None:
+    """A date as the user wrote it (a number such as 20240102 too)."""
+    return None if value is None else str(value)
+
+
+def _mapping(value: object, rule: str, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise ReportError(
+            f"In {path}, {rule} ({{...}}), not a {type(value).__name__}; give the lesions.json written by "
+            "`lesionlocator track`."
+        )
+    return value
+
+
 def _add_tracked_lesion(inputs: ReportInputs, lesion_id: int, lesion: dict, folder: Path) -> None:
     first_timepoint = int(lesion.get("first_timepoint", 0))
     masks: list[np.ndarray | None] = [None] * len(inputs.images)
@@ -123,11 +137,13 @@ def _lesion_mask_files(masks_dir: Path, stem: str) -> dict[int, Path]:
 
 
 def _read_json(path: Path) -> dict:
+    if path.is_dir():
+        raise ReportError(f"{path} is a folder; give the lesions.json inside it ({path / 'lesions.json'}).")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise ReportError(f"Tracking result not found: {path}; run `lesionlocator track` first.") from error
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ReportError(
             f"{path} is not valid JSON ({error}); give the lesions.json written by the tracker."
         ) from error

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from .build import Progress, Report, ReportError
 from .figures import lesion_plots_png, lesion_slices_png, summary_png
@@ -24,7 +25,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write the report's files into `out_dir` (created if needed); returns their paths by kind.
 
-    Refuses, before writing anything, when any of the files exists and `overwrite` is False.
+    Refuses, before writing anything, when any of the files exists and `overwrite` is False. Every file is made in
+    memory first and lands through a rename, so a failure leaves no half-written report to block the next run.
     """
     out_dir = Path(out_dir)
     paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
@@ -34,19 +36,52 @@ def write_report(
             f"{', '.join(existing)} already exist(s) in {out_dir}; choose another output folder "
             "or allow overwriting (--overwrite on the command line, overwrite=True in Python)."
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ReportError(f"The output path {out_dir} is a file; give a folder for the report.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    figures = _render_figures(report, progress)
-    write_csv(measurement_rows(report), paths["measurements_csv"])
-    write_csv(response_rows(report), paths["response_csv"])
-    paths["json"].write_text(json.dumps(report_document(report), indent=2), encoding="utf-8")
-    paths["summary_png"].write_bytes(figures["summary"])
-    paths["html"].write_text(render_html(report, figures), encoding="utf-8")
+    _check_folder(out_dir)
+    _write_all(_render(report, progress), out_dir, paths)
     if progress is not None:
         progress(1.0, "Report written")
     return paths
+
+
+def _check_folder(out_dir: Path) -> None:
+    nearest = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not nearest.is_dir():
+        where = "is a file" if nearest == out_dir else f"lies under the file {nearest}"
+        raise ReportError(f"The output path {out_dir} {where}; give a folder for the report.")
+
+
+def _render(report: Report, progress: Progress | None) -> dict[str, Callable[[Path], object]]:
+    """How to write each file by kind, with everything computed now: a failure here leaves no file."""
+    figures = _render_figures(report, progress)
+    measurements, responses = measurement_rows(report), response_rows(report)
+    document = json.dumps(report_document(report), indent=2)
+    html = render_html(report, figures)
+    return {
+        "measurements_csv": lambda path: write_csv(measurements, path),
+        "response_csv": lambda path: write_csv(responses, path),
+        "json": lambda path: path.write_text(document, encoding="utf-8"),
+        "html": lambda path: path.write_text(html, encoding="utf-8"),
+        "summary_png": lambda path: path.write_bytes(figures["summary"]),
+    }
+
+
+def _write_all(writers: dict[str, Callable[[Path], object]], out_dir: Path, paths: dict[str, Path]) -> None:
+    """Temporary files beside the targets, renamed into place once all are written; none is left behind."""
+    temporary = {kind: path.with_name(f".{path.name}.partial") for kind, path in paths.items()}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for kind, write in writers.items():
+            write(temporary[kind])
+        for kind, path in paths.items():
+            os.replace(temporary[kind], path)
+    except OSError as error:
+        raise ReportError(
+            f"Could not write the report into {out_dir} ({error.strerror or error}); free disk space "
+            "or choose another output folder."
+        ) from error
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
 
 
 def _render_figures(report: Report, progress: Progress | None) -> dict[str, bytes]:

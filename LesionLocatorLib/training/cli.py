@@ -6,7 +6,8 @@
     lesionlocator train ... --init-from lesionlocator-lite --own-data DATASET   # fine-tune on your annotated CTs
 
 Samples are cached in <work-dir>/samples (or --cache) and reused; stopping (Ctrl-C, --time-limit-min) keeps a
-resumable checkpoint. The model root is written once training reaches --steps.
+resumable checkpoint. The model root is written once training reaches --steps. An earlier run's checkpoint in the
+work folder, and a network in --output that this run would replace, are kept unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import read_model_manifest
 from ..errors import LesionLocatorError, require_at_least, require_positive
 from ..point_search import DEFAULT_BOX_SIZES_MM
 from .plans import NET_FOLDER, TASKS, LiteModelConfig, drop_box_refinement, set_point_search
 from .own_data import fill_own_cache
 from .samples import DEFAULT_PROMPT_MIX, TRAINING_BACKGROUNDS, SampleGenerator, cached_sample_paths, fill_cache
-from .trainer import TrainingOptions, export_model, train
+from .trainer import TrainingOptions, check_fresh_start, export_model, train
 from .validation import summary_table
 
 
@@ -48,6 +50,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--resume", action="store_true", help="continue from <work-dir>/checkpoint_latest.pth")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh over an earlier run's checkpoint in the work folder, and replace the "
+                             "networks in --output that this run writes (otherwise both are refused)")
     parser.add_argument("--time-limit-min", type=float, help="stop training after this many minutes (resumable)")
     parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
                         default=list(LiteModelConfig.patch_size_zyx), help="patch in voxels (z y x)")
@@ -129,6 +134,35 @@ def _init_source(value: str | None) -> str | None:
     return str(value)
 
 
+def _check_folder(path: Path, option: str) -> None:
+    """A folder this run writes must not be, or lie under, a file (found now, not after hours of training)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise LesionLocatorError(f"{option} {path}: {existing} is a file; give a folder.")
+
+
+def _networks_replaced(output: Path, tasks: tuple[str, ...], net_folder: str) -> list[Path]:
+    """The network folders in `output` that exporting would replace or take `tasks` from: the folder of each task
+    being trained, and `net_folder` itself (it may serve other tasks)."""
+    manifest = read_model_manifest(output) if output.is_dir() else {}  # a broken one fails now, not after training
+    mapped = manifest.get("tasks", {})
+    folders = {output / net_folder} | {output / mapped[task] for task in tasks if task in mapped}
+    return sorted(f for f in folders if any(f.glob("fold_*/checkpoint_final.pth")))
+
+
+def _check_nothing_replaced(args: argparse.Namespace, work_dir: Path, tasks: tuple[str, ...], net_folder: str) -> None:
+    """Before samples and training: an earlier checkpoint or exported network is replaced only with --overwrite."""
+    _check_folder(args.output, "--output")
+    _check_folder(work_dir, "--work-dir")
+    check_fresh_start(work_dir, args.resume, args.overwrite)
+    replaced = _networks_replaced(args.output, tasks, net_folder)
+    if replaced and not args.overwrite:
+        raise LesionLocatorError(
+            f"{args.output} already holds the network(s) in {', '.join(str(f) for f in replaced)} for "
+            f"{'/'.join(tasks)}; nothing was overwritten. Give another --output, or add --overwrite to replace "
+            "them when this run ends.")
+
+
 def _cache_progress(done: int, total: int) -> None:
     sys.stderr.write(f"\rgenerating samples {done}/{total} ")
     sys.stderr.flush()
@@ -157,8 +191,11 @@ def run(args: argparse.Namespace) -> int:
     _check_counts(args)
     background_weights, prompt_mix = _background_weights(args.backgrounds), _prompt_mix(args.prompt_mix)
     init_weights = _init_source(args.init_from)
+    tasks = tuple(dict.fromkeys(args.tasks))
+    net_folder = args.net_folder or (NET_FOLDER if set(tasks) == set(TASKS) else "net_" + "_".join(tasks))
     if not args.no_point_search and not all(size > 0 for size in args.point_search):
         raise LesionLocatorError(f"--point-search sizes must be positive (mm); got {args.point_search}.")
+    _check_nothing_replaced(args, work_dir, tasks, net_folder)
     if args.own_data is not None:
         if not 0 < args.own_data_share <= 1:
             raise LesionLocatorError(f"--own-data-share must be in (0, 1]; got {args.own_data_share}.")
@@ -183,16 +220,16 @@ def run(args: argparse.Namespace) -> int:
                               own_data_share=args.own_data_share if own_cache is not None else 0.0)
     try:
         network, state = train(config, options, cache, work_dir, resume=args.resume, max_samples=args.cache_size,
-                               own_cache=own_cache)
+                               own_cache=own_cache, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the last checkpoint in {work_dir} resumes with --resume", file=sys.stderr)
+        print(f"\ninterrupted: the last checkpoint in {work_dir} resumes with the same command plus --resume",
+              file=sys.stderr)
         return 130
     sys.stderr.write("\n")
     if state.step < args.steps:
-        print(f"stopped at step {state.step}/{args.steps}; continue with --resume", file=sys.stderr)
+        print(f"stopped at step {state.step}/{args.steps}; continue with the same command plus --resume",
+              file=sys.stderr)
         return 0
-    tasks = tuple(dict.fromkeys(args.tasks))
-    net_folder = args.net_folder or (NET_FOLDER if set(tasks) == set(TASKS) else "net_" + "_".join(tasks))
     export_model(network, config, args.output, state, tasks, net_folder)
     print(f"model written to {args.output} ({state.step} steps, {state.seconds / 60:.1f} min of training)")
     if "box" in tasks and drop_box_refinement(args.output):

@@ -202,6 +202,16 @@ def progress_bar(step: int, total: int, loss: float, seconds_per_step: float) ->
     sys.stderr.flush()
 
 
+def check_fresh_start(work_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start afresh over an earlier run's resumable checkpoint (hours of training) unless asked to."""
+    latest = Path(work_dir) / LATEST
+    if latest.is_file() and not (resume or overwrite):
+        raise LesionLocatorError(
+            f"{latest} holds an earlier training run; nothing was overwritten. Add --resume to continue it, "
+            "--overwrite to start again and replace it, or give another --work-dir (resume=True or overwrite=True "
+            "in Python).")
+
+
 def _setup(config: LiteModelConfig, options: TrainingOptions, work_dir: Path, resume: bool, rng: np.random.Generator):
     """Network (on its device), optimizer and state: fresh, from `init_weights`, or resumed from work_dir."""
     device = resolve_device(options.device)
@@ -239,11 +249,14 @@ def _step(network, optimizer, inputs: np.ndarray, targets: np.ndarray, learning_
 
 def train(config: LiteModelConfig, options: TrainingOptions, cache: str | Path, work_dir: str | Path,
           resume: bool = False, progress: Callable[[int, int, float, float], None] | None = progress_bar,
-          max_samples: int | None = None, own_cache: str | Path | None = None) -> tuple[torch.nn.Module, TrainingState]:
+          max_samples: int | None = None, own_cache: str | Path | None = None,
+          overwrite: bool = False) -> tuple[torch.nn.Module, TrainingState]:
     """Train (or continue) the Lite network on the samples cached in `cache` (the first `max_samples`), mixed with
     the user's own samples in `own_cache` at `options.own_data_share`; returns the network (in inference form,
-    without deep supervision) and the state reached."""
+    without deep supervision) and the state reached. A fresh run replaces an earlier checkpoint in `work_dir` only
+    with `overwrite`."""
     work_dir = Path(work_dir)
+    check_fresh_start(work_dir, resume, overwrite)
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
