@@ -105,6 +105,14 @@ def test_shearing_transform_is_refused_with_advice(scene):
         geometry.imageVolumeFromVolumeNode(node)
 
 
+def test_sheared_voxel_grid_without_a_transform_is_refused_with_advice_to_resample(scene):
+    ijkToRAS = np.diag([-1.5, -1.5, 3.0, 1.0])
+    ijkToRAS[1, 2] = 0.8  # e.g. a gantry-tilted CT read without regularization
+    with pytest.raises(geometry.GeometryError, match="sheared voxel grid.*Resample") as error:
+        geometry.imageVolumeFromVolumeNode(addVolume(scene, ijkToRAS))
+    assert "Harden" not in str(error.value)
+
+
 def test_non_linear_transform_is_refused_with_advice(scene):
     node = addVolume(scene, np.eye(4))
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")

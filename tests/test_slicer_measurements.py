@@ -120,6 +120,29 @@ def test_diameters_are_measured_in_world_space_under_a_transform(scene):
     volume = addTimepoint(scene, "scaled")
     applyMask(logic, volume, cube((2, 2, 2), (6, 8, 10)))
     plain = logic.longitudinalReport([volume]).lesion(1).measurements[0].long_axis_mm
-    volume.SetAndObserveTransformNodeID(addLinearTransform(scene, np.diag([2.0, 2.0, 2.0, 1.0]) @ rigid([0, 0, 1], 0, [0, 0, 0])).GetID())
+    scaling = addLinearTransform(scene, np.diag([2.0, 2.0, 2.0, 1.0]) @ rigid([0, 0, 1], 0, [0, 0, 0]))
+    for node in (volume, segments.timepointSegmentationNode(volume)):  # the user moves the scan and its lesions
+        node.SetAndObserveTransformNodeID(scaling.GetID())
     scaled = logic.longitudinalReport([volume]).lesion(1).measurements[0].long_axis_mm
     assert scaled == pytest.approx(2 * plain, rel=1e-6)
+
+
+def test_lesion_table_volume_is_in_world_units_like_the_report(scene):
+    logic = LesionTrackingLogic(scene)
+    volume = addTimepoint(scene, "scaled")
+    scaling = addLinearTransform(scene, np.diag([2.0, 2.0, 2.0, 1.0]) @ rigid([0, 0, 1], 10, [1, 2, 3]))
+    volume.SetAndObserveTransformNodeID(scaling.GetID())
+    applyMask(logic, volume, cube((2, 2, 2), (6, 8, 10)))
+    reportMl = logic.longitudinalReport([volume]).lesion(1).measurements[0].volume_ml
+    assert reportMl == pytest.approx(8 * 4 * 6 * 8 * 0.8 * 0.9 * 2.0 / 1000)
+    assert logic.lesionTable([volume]).rows[0].cells[0].volumeMl == pytest.approx(reportMl)
+
+
+def test_a_lesion_not_found_is_a_gap_not_zero_ml(scene, twoScansTwoLesions):
+    logic, scans = twoScansTwoLesions
+    segments.writeLesionMask(segments.timepointSegmentationNode(scans[1]), scans[1], 2, None, segments.NOT_FOUND)
+    chart = logic.showMeasurements(scans)
+    columns = tableColumns(slicer.util.getFirstNodeByClassByName("vtkMRMLTableNode", measurements.TABLE_NAME, scene))
+    assert columns["Status"][3] == "not found" and np.isnan(columns["Volume (ml)"][3])
+    volumes = tableColumns(chart.GetNthPlotSeriesNode(1).GetTableNode())["Lesion 2"]
+    assert volumes[0] > 0 and np.isnan(volumes[1])

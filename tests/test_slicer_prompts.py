@@ -12,6 +12,7 @@ from LesionLocatorLib.errors import PromptError  # noqa: E402
 from LesionLocatorLib.image import ImageVolume  # noqa: E402
 from LesionLocatorLib.prompts import BoxPrompt, PointPrompt  # noqa: E402
 from LesionLocatorSlicer import geometry, prompts  # noqa: E402
+from LesionLocatorSlicer.logic import promptFromInputs  # noqa: E402
 from test_slicer_geometry import addLinearTransform, rigid, rotation  # noqa: E402
 
 
@@ -130,3 +131,13 @@ def test_roi_drawn_in_a_slice_view_gets_depth_but_a_3d_roi_is_kept(scene):
     box = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     box.SetSize(30.0, 12.0, 20.0)
     assert not prompts.deepenFlatROI(box) and box.GetSize() == (30.0, 12.0, 20.0)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (dict(pointRAS=[1.0, 2.0]), r"pointRAS must be one point \(R, A, S\)"),
+    (dict(boxRAS=[[1.0, 2.0, 3.0]]), r"boxRAS must be two opposite corners"),
+    (dict(boxRAS=[[1.0, 2.0, 3.0], [4.0, 5.0]]), r"boxRAS must be two opposite corners"),
+])
+def test_malformed_console_prompts_say_what_is_expected(transformedVolume, inputs, message):
+    with pytest.raises(PromptError, match=message):
+        promptFromInputs(geometry.imageVolumeFromVolumeNode(transformedVolume), **inputs)

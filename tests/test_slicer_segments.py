@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import vtk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML classes) is not installed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LesionLocator"))
@@ -230,3 +231,111 @@ def test_saved_and_reloaded_scene_keeps_the_links_between_a_lesions_segments(sce
             assert (cellBefore.centreRAS is None) == (cellAfter.centreRAS is None)
             if cellBefore.centreRAS is not None:
                 np.testing.assert_allclose(cellAfter.centreRAS, cellBefore.centreRAS, atol=1e-4)
+
+
+def lesionMask(volumeNode, lesionId) -> np.ndarray:
+    node = segments.timepointSegmentationNode(volumeNode)
+    return segments.lesionMaskArray(node, segments.lesionSegmentIds(node)[lesionId], volumeNode)
+
+
+def addUserSegment(node, volumeNode, mask) -> str:
+    userId = node.GetSegmentation().AddEmptySegment("", "my liver", (0.5, 0.2, 0.1))
+    labelmap = segments.boundingBoxLabelmap(mask, volumeNode)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        labelmap, node, userId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    return userId
+
+
+@pytest.mark.parametrize("hardened", ["volume", "segmentation"])
+def test_hardening_the_transform_on_one_node_only_keeps_every_segment_where_it_is(scene, logic, hardened):
+    """Data module > Harden transform on the volume (or on its segmentation) only: the lesions stay on their voxels
+    in world space, read back intact, and the next write moves neither them nor the user's segments."""
+    volume = addTimepoint(scene, "baseline", transformed=True)
+    first, liver = cube((2, 3, 4), (5, 7, 9)), cube((0, 0, 0), (8, 8, 8))
+    applyMask(logic, volume, first)
+    node, _ = lesionSegment(volume, 1)
+    userId = addUserSegment(node, volume, liver)
+    centre = logic.lesionTable([volume]).rows[0].cells[0].centreRAS
+    (volume if hardened == "volume" else node).HardenTransform()
+    np.testing.assert_array_equal(lesionMask(volume, 1), first)
+
+    applyMask(logic, volume, cube((8, 8, 8), (10, 12, 15)))
+    assert node.GetTransformNodeID() == volume.GetTransformNodeID()
+    np.testing.assert_array_equal(lesionMask(volume, 1), first)
+    np.testing.assert_array_equal(segments.lesionMaskArray(node, userId, volume), liver)
+    cell = logic.lesionTable([volume]).rows[0].cells[0]
+    assert cell.status == "prompted"
+    np.testing.assert_allclose(cell.centreRAS, centre, atol=1e-6)
+
+
+def test_undo_after_a_hardened_transform_puts_the_lesion_back_where_it_was(scene, logic):
+    volume = addTimepoint(scene, "baseline", transformed=True)
+    first = cube((2, 3, 4), (5, 7, 9))
+    applyMask(logic, volume, first)
+    applyMask(logic, volume, cube((3, 3, 3), (6, 9, 12)), lesionId=1)
+    volume.HardenTransform()
+    applyMask(logic, volume, cube((8, 8, 8), (10, 12, 15)))  # moves the segmentation into the volume's frame
+    logic.undo()
+    logic.undo()
+    np.testing.assert_array_equal(lesionMask(volume, 1), first)
+
+
+def oversample(node, volumeNode) -> None:
+    """Segment Editor > Specify geometry, oversampling 2: a finer reference geometry, the segments resampled onto it."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    ijkToRAS = geometry.arrayFromVTKMatrix(matrix)
+    fine = ijkToRAS.copy()
+    fine[:3, :3] /= 2
+    fine[:3, 3] = (ijkToRAS @ [-0.25, -0.25, -0.25, 1])[:3]
+    grid = slicer.vtkOrientedImageData()
+    grid.SetImageToWorldMatrix(geometry.vtkMatrixFromArray(fine))
+    grid.SetExtent(0, 2 * SHAPE_ZYX[2] - 1, 0, 2 * SHAPE_ZYX[1] - 1, 0, 2 * SHAPE_ZYX[0] - 1)
+    segmentation = node.GetSegmentation()
+    segmentation.SetConversionParameter("Reference image geometry",
+                                        slicer.vtkSegmentationConverter.SerializeImageGeometry(grid))
+    for segmentId in segmentation.GetSegmentIDs():  # one segment per layer here
+        labelmap = segmentation.GetSegment(segmentId).GetRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        resampled = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, grid, resampled)
+        labelmap.DeepCopy(resampled)
+
+
+def test_specify_geometry_changes_neither_the_status_nor_the_place_of_a_lesion(scene, logic):
+    """Its voxels on the scan are the same, so a tracked lesion stays tracked (re-tracking may update it), at the
+    same world centre and volume."""
+    baseline, followUp = addTimepoint(scene, "baseline"), addTimepoint(scene, "follow-up", transformed=True)
+    applyMask(logic, baseline, cube((2, 3, 4), (5, 7, 9)))
+    node = segments.timepointSegmentationNode(followUp, create=True)
+    segments.writeLesionMask(node, followUp, 1, cube((3, 4, 5), (6, 9, 11)), segments.TRACKED)
+    before = logic.lesionTable([baseline, followUp]).rows[0].cells[1]
+    oversample(node, followUp)
+    after = logic.lesionTable([baseline, followUp]).rows[0].cells[1]
+    assert after.status == before.status == "tracked" and not logic._isPinned(1, followUp)
+    np.testing.assert_allclose(after.centreRAS, before.centreRAS, atol=1e-6)
+    assert after.volumeMl == pytest.approx(before.volumeMl)
+
+
+def test_left_handed_volume_keeps_its_lesions_through_a_saved_scene(scene, logic, tmp_path):
+    """Slicer's reader flips an axis of a left-handed volume when the scene is reopened, and the .seg.nrrd keeps its
+    own geometry: the lesions keep status, centre and volume, also after one of them is written again."""
+    direction = rotation([0, 1, 0], 15) @ np.diag([1.0, 1.0, -1.0])
+    image = ImageVolume(np.zeros(SHAPE_ZYX, np.int16), (0.8, 0.9, 2.0), (5.0, -3.0, 10.0), direction)
+    volume = geometry.addVolumeNodeFromImage(scene, image, "left-handed")
+    applyMask(logic, volume, cube((2, 3, 4), (5, 7, 9)))
+    applyMask(logic, volume, cube((7, 8, 10), (10, 12, 15)))
+    before = logic.lesionTable([volume]).rows
+
+    reloaded = saveAndReloadBundle(scene, tmp_path)
+    reloadedLogic, volume = LesionTrackingLogic(reloaded), reloaded.GetFirstNodeByName("left-handed")
+    ijkToRAS = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijkToRAS)
+    assert ijkToRAS.Determinant() > 0  # the flip this test is about
+    after = reloadedLogic.lesionTable([volume]).rows
+    assert [row.cells[0].status for row in after] == ["prompted", "prompted"]
+    for rowBefore, rowAfter in zip(before, after):
+        np.testing.assert_allclose(rowAfter.cells[0].centreRAS, rowBefore.cells[0].centreRAS, atol=1e-6)
+        assert rowAfter.cells[0].volumeMl == pytest.approx(rowBefore.cells[0].volumeMl)
+    applyMask(reloadedLogic, volume, np.roll(lesionMask(volume, 1), 1, axis=2), lesionId=1)
+    assert [row.cells[0].status for row in reloadedLogic.lesionTable([volume]).rows] == ["prompted", "prompted"]

@@ -141,3 +141,12 @@ def test_a_prompt_on_the_baseline_starts_a_lesion_and_on_a_follow_up_corrects_th
     assert lesionForPrompt(scans[0], scans, currentLesion=3) is None
     assert lesionForPrompt(scans[1], scans, currentLesion=3) == 3
     assert lesionForPrompt(scans[1], scans, currentLesion=0) is None
+
+
+def test_tracking_starts_from_the_lesion_as_seen_after_the_volume_transform_was_hardened(scene):
+    logic = logicWith(scene, RecordingTracker())
+    baseline, followUp = addTimepoint(scene, "baseline", transformed=True), addTimepoint(scene, "follow-up")
+    applyMask(logic, baseline, cube((2, 3, 4), (5, 7, 9)))
+    baseline.HardenTransform()  # as GeometryError advises for transforms the engine cannot take
+    request = logic.prepareTracking([1], [followUp])
+    np.testing.assert_array_equal(request.masks[(1, baseline.GetID())], cube((2, 3, 4), (5, 7, 9)))

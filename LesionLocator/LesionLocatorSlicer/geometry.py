@@ -51,19 +51,20 @@ def localToWorldMatrix(node) -> np.ndarray:
 
 def ijkToWorldMatrix(volumeNode) -> np.ndarray:
     """4x4 matrix from the volume's IJK voxel indices to world RAS, parent transforms included."""
+    return localToWorldMatrix(volumeNode) @ ijkToRASMatrix(volumeNode)
+
+
+def ijkToRASMatrix(volumeNode) -> np.ndarray:
+    """4x4 matrix from the volume's IJK voxel indices to its local RAS (no parent transform)."""
     ijkToRAS = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(ijkToRAS)
-    return localToWorldMatrix(volumeNode) @ arrayFromVTKMatrix(ijkToRAS)
+    return arrayFromVTKMatrix(ijkToRAS)
 
 
 def geometryFromIJKToWorld(ijkToWorld: np.ndarray, name: str = "") -> tuple[tuple, tuple, np.ndarray]:
     """(spacing_xyz, origin_lps, direction_lps) of an IJK -> RAS matrix; shear cannot be expressed and is refused."""
-    axesRAS = ijkToWorld[:3, :3]
-    spacing = np.linalg.norm(axesRAS, axis=0)
-    if np.any(spacing <= 0):
-        raise GeometryError(f"'{name}' has a degenerate IJK to RAS matrix (zero voxel spacing).")
-    directionRAS = axesRAS / spacing
-    if not np.allclose(directionRAS.T @ directionRAS, np.eye(3), atol=ORTHOGONALITY_TOLERANCE):
+    spacing, directionRAS = _spacingAndDirection(ijkToWorld, name)
+    if not _orthonormal(directionRAS):
         raise GeometryError(
             f"'{name}' is under a transform with shear: its voxel axes are not orthogonal in world space. "
             "Harden the transform on the volume (which resamples it), then run LesionLocator again."
@@ -72,10 +73,35 @@ def geometryFromIJKToWorld(ijkToWorld: np.ndarray, name: str = "") -> tuple[tupl
     return tuple(spacing), tuple(originLPS), LPS_TO_RAS @ directionRAS
 
 
+def _spacingAndDirection(ijkToRAS: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    axesRAS = ijkToRAS[:3, :3]
+    spacing = np.linalg.norm(axesRAS, axis=0)
+    if np.any(spacing <= 0):
+        raise GeometryError(f"'{name}' has a degenerate IJK to RAS matrix (zero voxel spacing).")
+    return spacing, axesRAS / spacing
+
+
+def _orthonormal(directionRAS: np.ndarray) -> bool:
+    return np.allclose(directionRAS.T @ directionRAS, np.eye(3), atol=ORTHOGONALITY_TOLERANCE)
+
+
+def _refuseShearedVoxelGrid(volumeNode) -> None:
+    """A volume whose own IJK to RAS matrix shears (e.g. a gantry-tilted CT read without regularization) has no
+    transform to harden: it must be resampled."""
+    name = volumeNode.GetName()
+    if not _orthonormal(_spacingAndDirection(ijkToRASMatrix(volumeNode), name)[1]):
+        raise GeometryError(
+            f"'{name}' has a sheared voxel grid (its IJK to RAS matrix is not orthogonal, e.g. a gantry-tilted CT). "
+            "Resample it onto a regular grid (e.g. Crop Volume with interpolated cropping, or reload the DICOM "
+            "series with acquisition geometry regularization), then run LesionLocator on the resampled volume."
+        )
+
+
 def imageVolumeFromVolumeNode(volumeNode) -> ImageVolume:
     """A copy of the voxels (z, y, x) with the world geometry; the node itself is not modified."""
     # copy: the worker thread must not share memory that the main thread may modify or free
     array = voxelArrayView(volumeNode).copy()
+    _refuseShearedVoxelGrid(volumeNode)
     spacingXYZ, originLPS, directionLPS = geometryFromIJKToWorld(ijkToWorldMatrix(volumeNode), volumeNode.GetName())
     return ImageVolume(array, spacingXYZ, originLPS, directionLPS, name=volumeNode.GetName())
 

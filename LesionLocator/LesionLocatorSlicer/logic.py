@@ -27,7 +27,8 @@ from LesionLocatorLib.image import ImageVolume
 
 from . import measurements, segments
 from .geometry import imageVolumeFromVolumeNode, voxelArrayView
-from .prompts import boxCornersFromTwoPoints, boxPromptFromWorldCorners, pointPromptFromWorld, promptFromMarkups
+from .prompts import (boxCornersFromTwoPoints, boxPromptFromWorldCorners, pointPromptFromWorld, promptFromMarkups,
+                      worldPoints)
 from .timepoints import orderTimepoints, studyDate
 from .worker import EngineWorker, Job
 
@@ -536,7 +537,8 @@ class LesionTrackingLogic:
         if segmentId is None:
             return False
         segment = node.GetSegmentation().GetSegment(segmentId)
-        return segments.lesionStatus(segment, segments.segmentVoxels(node, segmentId)) in segments.PINNED_STATUSES
+        voxels = segments.segmentVoxels(node, segmentId, volumeNode)
+        return segments.lesionStatus(segment, voxels) in segments.PINNED_STATUSES
 
     def _writeLesion(self, step: UndoStep, volumeNode, lesionId: int, mask, status: str) -> None:
         node = segments.timepointSegmentationNode(volumeNode)
@@ -564,9 +566,9 @@ def promptFromInputs(image: ImageVolume, pointRAS=None, boxRAS=None, markupsNode
     if sum(given) != 1:
         raise PromptError("Give exactly one prompt: pointRAS, boxRAS (two opposite corners) or markupsNode.")
     if pointRAS is not None:
-        return pointPromptFromWorld(image, pointRAS)
+        return pointPromptFromWorld(image, worldPoints(pointRAS, (3,), "pointRAS", "one point (R, A, S)"))
     if boxRAS is not None:
-        cornerA, cornerB = boxRAS
+        cornerA, cornerB = worldPoints(boxRAS, (2, 3), "boxRAS", "two opposite corners ((R, A, S), (R, A, S))")
         return boxPromptFromWorldCorners(image, boxCornersFromTwoPoints(cornerA, cornerB))
     return promptFromMarkups(image, markupsNode)
 
@@ -577,11 +579,11 @@ def lesionCell(volumeNode, lesionId: int) -> LesionCell:
     segmentId = segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
     if segmentId is None:
         return cell
-    voxels = segments.segmentVoxels(node, segmentId)
+    voxels = segments.segmentVoxels(node, segmentId, volumeNode)
     cell.status = segments.lesionStatus(node.GetSegmentation().GetSegment(segmentId), voxels)
-    cell.volumeMl = voxels.count * voxels.voxelVolumeMm3 / 1000.0
-    if voxels.centroidIJK is not None:
-        cell.centreRAS = ijkToWorldPoint(volumeNode, voxels.centroidIJK)
+    cell.centreRAS = voxels.centreRAS
+    # the voxels on the volume's grid in world units, as the report measures them
+    cell.volumeMl = voxels.count * worldVoxelVolumeMm3(volumeNode, voxels.centroidIJK) / 1000.0 if voxels.count else 0.0
     return cell
 
 
@@ -604,6 +606,14 @@ def ijkToWorldPoint(volumeNode, pointIJK) -> tuple[float, float, float]:
     worldRAS = [0.0, 0.0, 0.0]
     volumeNode.TransformPointToWorld(localRAS, worldRAS)
     return tuple(worldRAS)
+
+
+def worldVoxelVolumeMm3(volumeNode, pointIJK) -> float:
+    """World volume of the voxel at `pointIJK`: its IJK steps through the IJKToRAS and the parent transforms
+    (a scaling transform scales it, as in the engine's world geometry; a non-linear one is measured there)."""
+    steps = np.vstack([np.zeros(3), np.eye(3)])
+    origin, *axes = (np.array(ijkToWorldPoint(volumeNode, np.add(pointIJK, step))) for step in steps)
+    return abs(float(np.linalg.det(np.array(axes) - origin)))
 
 
 def trackingTargetsInTimeOrder(request: TrackingRequest) -> list[tuple[str, list[int]]]:

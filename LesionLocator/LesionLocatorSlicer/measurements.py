@@ -58,12 +58,16 @@ def measurementsTableNode(scene, report, volumeNodes: list):
             lesions.InsertNextValue(series.name)
             scans.InsertNextValue(volumeNode.GetName())
             statuses.InsertNextValue(series.status(index))
-            measurement = series.measurements[index]
             for array, field in numbers:
-                value = getattr(measurement, field) if measurement is not None else None
-                array.InsertNextValue(np.nan if value is None else float(value))
+                array.InsertNextValue(_number(series, index, field))
     tableNode.Modified()
     return tableNode
+
+
+def _number(series, index: int, field: str) -> float:
+    """NaN (a gap) where there is no value: an empty segmentation is 0 ml only when the lesion is confirmed absent."""
+    value = series.volume_ml(index) if field == "volume_ml" else getattr(series.measurements[index], field, None)
+    return np.nan if value is None else float(value)
 
 
 def timeAxis(report) -> tuple[str, list[float]]:
@@ -76,7 +80,7 @@ def timeAxis(report) -> tuple[str, list[float]]:
 
 
 def volumeChartNode(scene, report, colours: dict[int, tuple]):
-    """A chart with one line per lesion: its volume (ml) at each scan (a gap where it was not segmented)."""
+    """A chart with one line per lesion: its volume (ml) at each scan (a gap where it was not segmented or found)."""
     axisTitle, times = timeAxis(report)
     tableNode = _addNode(scene, "vtkMRMLTableNode", VOLUMES_TABLE_NAME, "volumes")
     _column(tableNode.GetTable(), axisTitle, vtk.vtkDoubleArray, times)
@@ -85,7 +89,7 @@ def volumeChartNode(scene, report, colours: dict[int, tuple]):
     chartNode.SetXAxisTitle(axisTitle)
     chartNode.SetYAxisTitle("Volume (ml)")
     for series in report.series:
-        volumes = [np.nan if measurement is None else measurement.volume_ml for measurement in series.measurements]
+        volumes = [_number(series, index, "volume_ml") for index in range(len(series.measurements))]
         _column(tableNode.GetTable(), series.name, vtk.vtkDoubleArray, volumes)
         plotSeries = _addNode(scene, "vtkMRMLPlotSeriesNode", series.name, "series")
         plotSeries.SetAndObserveTableNodeID(tableNode.GetID())

@@ -21,6 +21,18 @@ ROUNDING_TOLERANCE = 1e-6  # a face through a voxel centre keeps that voxel desp
 FLAT_FRACTION = 0.1  # an ROI side shorter than this fraction of the longest one was drawn in a slice view
 
 
+def worldPoints(values, shape: tuple[int, ...], name: str, expected: str) -> np.ndarray:
+    """`values` as a float array of `shape`; a PromptError saying what is expected otherwise (a console call)."""
+    try:
+        points = np.asarray(values, float)
+    except (TypeError, ValueError):
+        points = None
+    if points is None or points.shape != shape:
+        got = f"shape {points.shape}" if points is not None else repr(values)
+        raise PromptError(f"{name} must be {expected} in world RAS millimetres; got {got}.")
+    return points
+
+
 def pointPromptFromWorld(image: ImageVolume, pointRAS):
     from LesionLocatorLib.prompts import PointPrompt  # engine dependencies are installed on first use
 

@@ -2,10 +2,13 @@
 
 A lesion is identified by the segment tag LESION_ID_TAG (saved in .seg.nrrd), never by its name or segment id,
 so user segments in the same node are left alone and renamed lesions keep their links. Masks are written through
-an image whose extent is the mask's bounding box, so only the changed region is touched.
+an image whose extent is the mask's bounding box, so only the changed region is touched. They are read back on the
+volume's grid through both nodes' transforms to world, so a segment stays where the user sees it whatever grid it is
+stored on and whichever of the two nodes a transform was hardened on.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,9 +16,12 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .geometry import arrayFromVTKMatrix, ijkToRASMatrix, vtkMatrixFromArray
+
 LESION_ID_TAG = "LesionLocator.LesionId"
 STATUS_TAG = "LesionLocator.Status"
 FINGERPRINT_TAG = "LesionLocator.Fingerprint"
+EMPTY_FINGERPRINT = "0"
 TIMEPOINT_ATTRIBUTE = "LesionLocator.TimepointSegmentation"
 VOLUME_REFERENCE_ROLE = "lesionLocatorVolume"
 
@@ -99,14 +105,41 @@ def removeNodeAndHelpers(node) -> None:
 
 
 def syncTransform(segmentationNode, volumeNode) -> None:
-    """Masks are on the volume's voxel grid, so the segmentation moves with the volume's parent transform.
+    """Masks are written on the volume's voxel grid, so the segmentation goes under the volume's parent transform.
 
-    The reference geometry is computed relative to the segmentation's own transform, so it is set after the
-    transform: with the same transform it is the volume's local grid, which the written labelmaps use (otherwise
-    saving resamples them)."""
-    if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
-        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    Its segments keep their place in world space: after 'Harden transform' on only one of the two nodes the frames
+    differ, and the segments are moved into the volume's frame first (only their geometry changes unless the move
+    shears or is non-linear). The reference geometry is computed relative to the segmentation's own transform, so it
+    is set after the transform: with the same transform it is the volume's local grid, which the written labelmaps
+    use (otherwise saving resamples them)."""
+    transform = transformToVolumeFrame(segmentationNode, volumeNode)
+    if transform is None:
+        return
+    segmentationNode.ApplyTransform(transform)
+    segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+
+
+def transformToVolumeFrame(segmentationNode, volumeNode) -> vtk.vtkAbstractTransform | None:
+    """Segmentation coordinates -> the volume's local RAS, through world; None when both are under the same
+    transform (one frame)."""
+    if segmentationNode.GetTransformNodeID() == volumeNode.GetTransformNodeID():
+        return None
+    return transformBetween(segmentationNode.GetParentTransformNode(), volumeNode.GetParentTransformNode())
+
+
+def transformBetween(sourceTransformNode, targetTransformNode) -> vtk.vtkAbstractTransform:
+    """From one transform node's coordinates to another's (None: world). A linear one is returned as a vtkTransform:
+    GetTransformBetweenNodes concatenates an inverse, which VTK does not take as linear, so a labelmap moved by it
+    would be resampled."""
+    matrix = vtk.vtkMatrix4x4()
+    if slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(sourceTransformNode, targetTransformNode, matrix):
+        linear = vtk.vtkTransform()
+        linear.SetMatrix(matrix)
+        return linear
+    general = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(sourceTransformNode, targetTransformNode, general)
+    return general
 
 
 def placeInSubjectHierarchy(node, volumeNode) -> None:
@@ -162,7 +195,8 @@ def writeLesionMask(segmentationNode, volumeNode, lesionId: int, maskZYX: np.nda
 
 
 def boundingBoxLabelmap(maskZYX: np.ndarray | None, volumeNode) -> "slicer.vtkOrientedImageData":
-    """The mask cropped to its bounding box, positioned on the volume's voxel grid (IJK extent = box)."""
+    """The mask cropped to its bounding box, positioned on the volume's voxel grid (IJK extent = box), in the
+    volume's local frame (a segmentation under the volume's transform: syncTransform)."""
     nonzero = np.argwhere(maskZYX) if maskZYX is not None else np.zeros((0, 3), int)
     if len(nonzero):
         loZYX, hiZYX = nonzero.min(axis=0), nonzero.max(axis=0)
@@ -170,82 +204,147 @@ def boundingBoxLabelmap(maskZYX: np.ndarray | None, volumeNode) -> "slicer.vtkOr
     else:  # one background voxel: VTK cannot import an image with an empty extent
         loZYX = hiZYX = np.zeros(3, int)
         crop = np.zeros((1, 1, 1), bool)
-    labelmap = slicer.vtkOrientedImageData()
-    labelmap.SetExtent(loZYX[2], hiZYX[2], loZYX[1], hiZYX[1], loZYX[0], hiZYX[0])
+    labelmap = volumeGrid(volumeNode, (loZYX[2], hiZYX[2], loZYX[1], hiZYX[1], loZYX[0], hiZYX[0]))
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = crop.astype(np.uint8).ravel()
-    ijkToRAS = vtk.vtkMatrix4x4()
-    volumeNode.GetIJKToRASMatrix(ijkToRAS)
-    labelmap.SetImageToWorldMatrix(ijkToRAS)
+    return labelmap
+
+
+def volumeGrid(volumeNode, extentIJK=None) -> "slicer.vtkOrientedImageData":
+    """An image without voxels on the volume's voxel grid (its local IJKToRAS) over `extentIJK` (default: all)."""
+    grid = slicer.vtkOrientedImageData()
+    grid.SetExtent(*(extentIJK if extentIJK is not None else volumeNode.GetImageData().GetExtent()))
+    grid.SetImageToWorldMatrix(vtkMatrixFromArray(ijkToRASMatrix(volumeNode)))
+    return grid
+
+
+def segmentLabelmap(segmentationNode, segmentId: str) -> "slicer.vtkOrientedImageData":
+    """The segment's binary labelmap on its own geometry, in the segmentation's coordinates."""
+    labelmap = slicer.vtkOrientedImageData()
+    segmentationNode.GetBinaryLabelmapRepresentation(segmentId, labelmap)
     return labelmap
 
 
 def lesionMaskArray(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
-    """The segment as a uint8 (z, y, x) array on the volume's voxel grid."""
-    segmentLabelmap = slicer.vtkOrientedImageData()
-    segmentationNode.GetBinaryLabelmapRepresentation(segmentId, segmentLabelmap)
-    reference = slicer.vtkOrientedImageData()
-    reference.SetExtent(volumeNode.GetImageData().GetExtent())
-    ijkToRAS = vtk.vtkMatrix4x4()
-    volumeNode.GetIJKToRASMatrix(ijkToRAS)
-    reference.SetImageToWorldMatrix(ijkToRAS)
-    onVolumeGrid = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        segmentLabelmap, reference, onVolumeGrid
-    )
-    dimensionsIJK = volumeNode.GetImageData().GetDimensions()
-    scalars = onVolumeGrid.GetPointData().GetScalars()
-    if scalars is None:
-        return np.zeros(dimensionsIJK[::-1], np.uint8)
-    return (numpy_support.vtk_to_numpy(scalars).reshape(dimensionsIJK[::-1]) > 0).astype(np.uint8)
+    """The segment as a uint8 (z, y, x) array on the volume's voxel grid, where both nodes' transforms put it in
+    world space (resampled when its labelmap is on another grid or in another frame)."""
+    labelmap = segmentLabelmap(segmentationNode, segmentId)
+    return _onGrid(labelmap, transformToVolumeFrame(segmentationNode, volumeNode), volumeGrid(volumeNode))
+
+
+def _onGrid(labelmap, toVolumeFrame, grid) -> np.ndarray:
+    """The labelmap (nearest neighbour) as a uint8 (z, y, x) array over the grid's extent."""
+    onGrid = slicer.vtkOrientedImageData()
+    resampled = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, grid, onGrid, False, False, toVolumeFrame)
+    shapeZYX = _shapeZYX(grid.GetExtent())
+    scalars = onGrid.GetPointData().GetScalars()
+    if not resampled or scalars is None:
+        return np.zeros(shapeZYX, np.uint8)
+    return (numpy_support.vtk_to_numpy(scalars).reshape(shapeZYX) > 0).astype(np.uint8)
+
+
+def _shapeZYX(extentIJK) -> tuple[int, int, int]:
+    return (extentIJK[5] - extentIJK[4] + 1, extentIJK[3] - extentIJK[2] + 1, extentIJK[1] - extentIJK[0] + 1)
 
 
 def maskFingerprint(maskZYX: np.ndarray | None) -> str:
-    """Voxel count and bounding box: changes when the user edits the segment in the Segment Editor."""
+    """Voxel count and bounding box on the volume grid: changes when the user edits the segment."""
     nonzero = np.argwhere(maskZYX) if maskZYX is not None else np.zeros((0, 3), int)
-    return _fingerprint(nonzero)
+    if not len(nonzero):
+        return EMPTY_FINGERPRINT
+    return _fingerprint(len(nonzero), nonzero.min(axis=0), nonzero.max(axis=0))
 
 
-def _fingerprint(nonzeroZYX: np.ndarray) -> str:
+def _fingerprint(count: int, loZYX, hiZYX) -> str:
+    return f"{count}:{np.asarray(loZYX).tolist()}:{np.asarray(hiZYX).tolist()}"
+
+
+def _fingerprints(nonzeroZYX: np.ndarray, shapeZYX) -> frozenset[str]:
+    """The voxels' fingerprint and those of their mirror images along the grid's axes: Slicer's reader flips an
+    axis of a left-handed volume when a scene is reopened, so the same voxels come back under mirrored indices."""
     if not len(nonzeroZYX):
-        return "0"
-    return f"{len(nonzeroZYX)}:{nonzeroZYX.min(axis=0).tolist()}:{nonzeroZYX.max(axis=0).tolist()}"
+        return frozenset({EMPTY_FINGERPRINT})
+    lo, hi, last = nonzeroZYX.min(axis=0), nonzeroZYX.max(axis=0), np.asarray(shapeZYX) - 1
+    mirrors = (np.array(flips) for flips in itertools.product((False, True), repeat=3))
+    return frozenset(_fingerprint(len(nonzeroZYX), np.where(f, last - hi, lo), np.where(f, last - lo, hi))
+                     for f in mirrors)
 
 
 @dataclass
 class SegmentVoxels:
-    """What the lesion table needs of a segment, read from its own (bounding-box sized) labelmap."""
+    """What the lesion table needs of a segment: its voxels on the volume's grid (as the report counts them, and
+    as LesionLocator wrote them) and where the user sees it."""
 
     count: int
-    centroidIJK: np.ndarray | None
-    fingerprint: str
-    voxelVolumeMm3: float
+    centroidIJK: np.ndarray | None  # on the volume's grid
+    fingerprints: frozenset[str]  # of the voxels on the volume's grid (and mirrored: _fingerprints)
+    centreRAS: tuple[float, float, float] | None  # world centroid of the segment's own labelmap
 
 
-def segmentVoxels(segmentationNode, segmentId: str) -> SegmentVoxels:
-    labelmap = slicer.vtkOrientedImageData()
-    segmentationNode.GetBinaryLabelmapRepresentation(segmentId, labelmap)
-    spacing = float(np.prod(labelmap.GetSpacing()))
-    scalars = labelmap.GetPointData().GetScalars()
-    extent = labelmap.GetExtent()
-    if scalars is None or extent[1] < extent[0]:
-        return SegmentVoxels(0, None, "0", spacing)
-    shapeZYX = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-    nonzeroZYX = np.argwhere(numpy_support.vtk_to_numpy(scalars).reshape(shapeZYX)) + [extent[4], extent[2], extent[0]]
+def segmentVoxels(segmentationNode, segmentId: str, volumeNode) -> SegmentVoxels:
+    labelmap = segmentLabelmap(segmentationNode, segmentId)
+    toVolumeFrame = transformToVolumeFrame(segmentationNode, volumeNode)
+    extent = _extentOnVolumeGrid(labelmap, toVolumeFrame, volumeNode)
+    centreRAS = _worldCentroid(segmentationNode, labelmap)
+    if extent is None:
+        return SegmentVoxels(0, None, frozenset({EMPTY_FINGERPRINT}), centreRAS)
+    crop = _onGrid(labelmap, toVolumeFrame, volumeGrid(volumeNode, extent))
+    nonzeroZYX = np.argwhere(crop) + [extent[4], extent[2], extent[0]]
     centroidIJK = nonzeroZYX.mean(axis=0)[::-1] if len(nonzeroZYX) else None
-    return SegmentVoxels(len(nonzeroZYX), centroidIJK, _fingerprint(nonzeroZYX), spacing)
+    shapeZYX = volumeNode.GetImageData().GetDimensions()[::-1]
+    return SegmentVoxels(len(nonzeroZYX), centroidIJK, _fingerprints(nonzeroZYX, shapeZYX), centreRAS)
+
+
+def _extentOnVolumeGrid(labelmap, toVolumeFrame, volumeNode) -> list[int] | None:
+    """The volume voxels (IJK extent) that the labelmap's non-zero part may land on, so that the table resamples a
+    lesion-sized box and not the whole scan; None when it lands on none."""
+    effective = [0, -1, 0, -1, 0, -1]
+    if not slicer.vtkOrientedImageDataResample.CalculateEffectiveExtent(labelmap, effective):
+        return None
+    whole = np.array(volumeNode.GetImageData().GetExtent())
+    linear = vtk.vtkTransform()
+    if toVolumeFrame is not None and not slicer.vtkOrientedImageDataResample.IsTransformLinear(toVolumeFrame, linear):
+        return whole.tolist()  # a non-linear move: its corners do not bound it
+    imageToLocal = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(imageToLocal)
+    rasToIJK = np.linalg.inv(ijkToRASMatrix(volumeNode))
+    imageToVolumeIJK = rasToIJK @ arrayFromVTKMatrix(linear.GetMatrix()) @ arrayFromVTKMatrix(imageToLocal)
+    cornersIJK = [[effective[2 * axis + side] + (side - 0.5) for axis, side in enumerate(sides)] + [1.0]
+                  for sides in itertools.product((0, 1), repeat=3)]
+    onVolume = (np.array(cornersIJK) @ imageToVolumeIJK.T)[:, :3]
+    lo = np.maximum(np.floor(onVolume.min(axis=0)), whole[0::2]).astype(int)
+    hi = np.minimum(np.ceil(onVolume.max(axis=0)), whole[1::2]).astype(int)
+    return None if np.any(lo > hi) else np.ravel(np.c_[lo, hi]).tolist()
+
+
+def _worldCentroid(segmentationNode, labelmap) -> tuple[float, float, float] | None:
+    """The centroid of the labelmap's voxels through its geometry and the segmentation's transforms."""
+    extent = labelmap.GetExtent()
+    scalars = labelmap.GetPointData().GetScalars()
+    if scalars is None or extent[1] < extent[0]:
+        return None
+    nonzeroZYX = np.argwhere(numpy_support.vtk_to_numpy(scalars).reshape(_shapeZYX(extent)))
+    if not len(nonzeroZYX):
+        return None
+    centroidIJK = nonzeroZYX.mean(axis=0)[::-1] + [extent[0], extent[2], extent[4]]
+    imageToLocal = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(imageToLocal)
+    world = [0.0, 0.0, 0.0]
+    segmentationNode.TransformPointToWorld(imageToLocal.MultiplyPoint([*centroidIJK, 1.0])[:3], world)
+    return tuple(world)
 
 
 def lesionStatus(segment, voxels: SegmentVoxels) -> str:
-    """The stored status, or EDITED when the voxels no longer match what LesionLocator wrote."""
+    """The stored status, or EDITED when the voxels on the volume grid no longer match what LesionLocator wrote."""
     status = segmentTag(segment, STATUS_TAG) or EDITED
-    return status if segmentTag(segment, FINGERPRINT_TAG) == voxels.fingerprint else EDITED
+    return status if segmentTag(segment, FINGERPRINT_TAG) in voxels.fingerprints else EDITED
 
 
 # --- undo ------------------------------------------------------------------------------------------------------------
 @dataclass
 class SegmentSnapshot:
-    """A segment as it was before an edit; `labelmap` None: the segment did not exist."""
+    """A segment as it was before an edit; `labelmap` (in world coordinates) None: the segment did not exist."""
 
     segmentationNodeID: str
     segmentId: str
@@ -262,8 +361,9 @@ def snapshotLesion(segmentationNode, lesionId: int) -> SegmentSnapshot:
     if segmentId is None:
         return snapshot
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
-    snapshot.labelmap = slicer.vtkOrientedImageData()
-    segmentationNode.GetBinaryLabelmapRepresentation(segmentId, snapshot.labelmap)
+    # in world: undo puts it back in place even if the segmentation's frame changed meanwhile (syncTransform)
+    snapshot.labelmap = segmentLabelmap(segmentationNode, segmentId)
+    _moveLabelmap(snapshot.labelmap, segmentationNode.GetParentTransformNode(), None)
     snapshot.name, snapshot.colour = segment.GetName(), tuple(segment.GetColor())
     snapshot.tags = {name: segmentTag(segment, name) for name in SNAPSHOT_TAGS if segment.HasTag(name)}
     return snapshot
@@ -284,6 +384,15 @@ def restoreLesion(scene, snapshot: SegmentSnapshot) -> None:
     segment = segmentation.GetSegment(currentId)
     for name, value in snapshot.tags.items():
         segment.SetTag(name, value)
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.DeepCopy(snapshot.labelmap)
+    _moveLabelmap(labelmap, None, segmentationNode.GetParentTransformNode())
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        snapshot.labelmap, segmentationNode, currentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        labelmap, segmentationNode, currentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
     )
+
+
+def _moveLabelmap(labelmap, fromTransformNode, toTransformNode) -> None:
+    """Only the geometry changes unless the move shears or is non-linear."""
+    transform = transformBetween(fromTransformNode, toTransformNode)
+    slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, transform)

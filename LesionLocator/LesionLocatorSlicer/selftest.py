@@ -57,8 +57,9 @@ def sceneState(scene) -> list:
         if node.IsA("vtkMRMLSegmentationNode"):
             for lesionId, segmentId in sorted(segments.lesionSegmentIds(node).items()):
                 segment = node.GetSegmentation().GetSegment(segmentId)
-                voxels = segments.segmentVoxels(node, segmentId)
-                lesions.append((lesionId, segments.segmentTag(segment, segments.STATUS_TAG), voxels.fingerprint))
+                voxels = segments.segmentVoxels(node, segmentId, node.GetNodeReference(segments.VOLUME_REFERENCE_ROLE))
+                status = segments.segmentTag(segment, segments.STATUS_TAG)
+                lesions.append((lesionId, status, sorted(voxels.fingerprints)))
         state.append((node.GetID(), lesions))
     return state
 
