@@ -13,6 +13,7 @@ from typing import Union
 
 import cc3d
 import numpy as np
+import SimpleITK as sitk
 from skimage.morphology import ball
 
 from .errors import PromptError
@@ -143,30 +144,57 @@ def parse_prompt_entry(entry) -> Prompt:
     """One lesion of the official JSON: {"point": [z, y, x]} or {"box": [z0, z1, y0, y1, x0, x1]}."""
     if not isinstance(entry, dict) or not ({"point", "box"} & set(entry)):
         raise PromptError(f"Each lesion needs a 'point' or a 'box' entry; got {entry!r}.")
+    if {"point", "box"} <= set(entry):
+        raise PromptError("The entry has both a 'point' and a 'box': keep one, or give the other its own lesion id.")
     if "point" in entry:
         return PointPrompt(tuple(_numbers(entry["point"], 3, "point [z, y, x]")))
     z0, z1, y0, y1, x0, x1 = _numbers(entry["box"], 6, "box [zmin, zmax, ymin, ymax, xmin, xmax]")
     return BoxPrompt((z0, y0, x0), (z1, y1, x1))
 
 
+def _unique_keys(pairs: list) -> dict:
+    """JSON object hook: json.loads keeps only the last of two equal keys, and two entries for one lesion must not
+    lose one silently."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise PromptError(f"the key(s) {', '.join(repeated)} appear more than once")
+    return dict(pairs)
+
+
+def _lesion_id(path: Path, key: str) -> int:
+    try:
+        lesion_id = int(key)
+    except ValueError as error:
+        raise PromptError(f"{path}: lesion ids must be integers; got '{key}'.") from error
+    if lesion_id < 1:
+        raise PromptError(f"{path}: lesion ids must be 1 or more (0 is the background); got '{key}'.")
+    return lesion_id
+
+
 def load_prompt_json(path: str | Path) -> tuple[dict[int, Prompt], dict[int, str]]:
-    """Prompts of the official JSON format, several lesions; unusable lesions go to the error dict."""
+    """Prompts of the official JSON format, several lesions; unusable lesions go to the error dict. A file whose ids
+    are not positive integers, or name one lesion twice ("1" and "01"), is refused."""
     path = Path(path)
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except FileNotFoundError as error:
         raise PromptError(f"Prompt file not found: {path}") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PromptError(f"Prompt file {path} is not valid JSON ({error}).") from error
+    except PromptError as error:
+        raise PromptError(f"{path}: {error}; give each lesion one entry.") from error
     if not isinstance(content, dict):
         raise PromptError(f'{path}: expected {{"<lesion id>": {{"point": [z, y, x]}}, ...}}.')
     prompts: dict[int, Prompt] = {}
     errors: dict[int, str] = {}
+    keys: dict[int, str] = {}
     for key, entry in content.items():
-        try:
-            lesion_id = int(key)
-        except ValueError as error:
-            raise PromptError(f"{path}: lesion ids must be integers; got '{key}'.") from error
+        lesion_id = _lesion_id(path, key)
+        if lesion_id in keys:
+            raise PromptError(f"{path}: the ids '{keys[lesion_id]}' and '{key}' both name lesion {lesion_id}; give "
+                              "each lesion one entry.")
+        keys[lesion_id] = key
         try:
             prompts[lesion_id] = parse_prompt_entry(entry)
         except PromptError as error:
@@ -179,9 +207,7 @@ def lesion_ids_in_mask(labels_zyx: np.ndarray) -> np.ndarray:
     return ids[ids > 0]
 
 
-def split_instance_mask(labels_zyx: np.ndarray) -> dict[int, np.ndarray]:
-    """Lesion masks from an instance map: one lesion per id (gaps and ids > 255 kept); a binary mask
-    (only label 1) is split into its connected components, numbered 1..N."""
+def _integer_labels(labels_zyx: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels_zyx)
     if labels.dtype.kind == "f":
         if not np.all(np.mod(labels, 1) == 0):
@@ -189,13 +215,62 @@ def split_instance_mask(labels_zyx: np.ndarray) -> dict[int, np.ndarray]:
         labels = labels.astype(np.int64)
     if np.any(labels < 0):
         raise PromptError("A lesion mask must not hold negative ids.")
+    return labels
+
+
+def split_instance_mask(labels_zyx: np.ndarray, binary: bool | None = None) -> dict[int, np.ndarray]:
+    """Lesion masks from an instance map: one lesion per id (gaps and ids > 255 kept). A binary mask (a single
+    non-zero value: 0/1, 0/255...; `binary` None decides from the labels) is split into its connected components,
+    numbered 1..N."""
+    labels = _integer_labels(labels_zyx)
     ids = lesion_ids_in_mask(labels)
     if ids.size == 0:
         raise PromptError("The lesion mask is empty: it labels no lesion.")
-    if ids.tolist() == [1]:
-        components = cc3d.connected_components(labels == 1, connectivity=26)
+    if (ids.size == 1) if binary is None else binary:
+        components = cc3d.connected_components(labels > 0, connectivity=26)
         return {int(i): components == i for i in lesion_ids_in_mask(components)}
     return {int(i): labels == i for i in ids}
+
+
+def resample_labels(labels: ImageVolume, image: ImageVolume) -> np.ndarray:
+    """A label image's values on `image`'s voxel grid: nearest neighbour in physical space, 0 outside it."""
+    resampled = sitk.Resample(labels.to_sitk(), list(image.shape_zyx[::-1]), sitk.Transform(),
+                              sitk.sitkNearestNeighbor, image.origin_lps, image.spacing_xyz,
+                              image.direction_lps.flatten().tolist(), 0)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def grid_difference(labels: ImageVolume, image: ImageVolume) -> str:
+    """What differs between two grids, as a reader checks it (the mask's value first)."""
+    checks = (("shape (z, y, x)", labels.shape_zyx, image.shape_zyx), ("spacing (x, y, z)", labels.spacing_xyz,
+              image.spacing_xyz), ("origin (LPS)", labels.origin_lps, image.origin_lps),
+              ("direction", labels.direction_lps.ravel(), image.direction_lps.ravel()))
+    return ", ".join(f"{name} {_plain(mine)} vs {_plain(theirs)}" for name, mine, theirs in checks
+                     if not np.allclose(mine, theirs, rtol=0, atol=1e-4)) or "geometry within rounding"
+
+
+def lesions_from_label_image(labels: ImageVolume, image: ImageVolume,
+                             name: str) -> tuple[dict[int, np.ndarray], dict[int, str], str]:
+    """Lesion masks on `image`'s grid from an instance map or binary mask file, errors for lesions of an instance
+    map that lie wholly outside the image, and a note when the file was on another grid. Such a file is resampled
+    (never read voxel by voxel: a mask of the same shape but another spacing, origin or direction lies elsewhere);
+    one that labels nothing inside the image is refused."""
+    if labels.same_grid(image):
+        return split_instance_mask(labels.array), {}, ""
+    labels = labels.with_array(_integer_labels(labels.array))
+    ids = lesion_ids_in_mask(labels.array)
+    if ids.size == 0:
+        raise PromptError(f"The lesion mask {name} is empty: it labels no lesion.")
+    resampled = resample_labels(labels, image)
+    if not resampled.any():
+        raise PromptError(f"The lesion mask {name} does not overlap the image: none of its lesion voxels lies inside "
+                          f"it ({grid_difference(labels, image)}). Give a mask drawn on this image.")
+    masks = split_instance_mask(resampled, binary=ids.size == 1)
+    lost = [int(i) for i in ids if ids.size > 1 and i not in masks]
+    errors = {i: f"lesion {i} of {name} lies outside the image" for i in lost}
+    note = (f"{name} is not on the image's grid ({grid_difference(labels, image)}): resampled onto it (nearest "
+            "neighbour, in physical space).")
+    return masks, errors, note
 
 
 # --- dense prompts in preprocessed space ----------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Official flags: -i -p -o -t point|box -m -f -step_size --disable_tta -device --continue_prediction (and -npp -nps
 --disable_progress_bar, accepted for compatibility). Files or folders (paired by name); outputs
-`<stem>_lesion_<id>.nii.gz`. Existing outputs are never overwritten unless --overwrite is given.
+`<stem>_lesion_<id>.nii.gz`. Existing outputs are never overwritten unless --overwrite is given, and an input never.
+Exit status: 0 all done, 1 a lesion or case failed (each reported, the others done), 2 an input was refused.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LesionLocatorError, PromptError
+from .errors import LesionLocatorError
 from .image import ImageVolume, image_stem, is_image_file, read_image, write_mask, write_volume
 from .intensity_check import expects_hounsfield_units, hu_warning
-from .prompts import MaskPrompt, Prompt, load_prompt_json, prompt_kind, split_instance_mask
+from .prompts import MaskPrompt, Prompt, lesions_from_label_image, load_prompt_json, prompt_kind
 
 @dataclass
 class Case:
@@ -63,7 +64,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--prompt_type", choices=("point", "box"), required=True,
                         help="model to use; a mask prompt becomes boxes (box) or centroids (point)")
     parser.add_argument("-step_size", "--step_size", type=float, default=0.5, help="sliding-window step (fraction)")
-    parser.add_argument("--continue_prediction", action="store_true", help="skip cases whose outputs exist")
+    parser.add_argument("--continue_prediction", action="store_true",
+                        help="keep the lesions whose outputs exist and segment the others")
     parser.add_argument("--mode", choices=("roi", "exact"), default="roi",
                         help="roi: preprocess only around each prompt (fast); exact: whole image, as official")
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_lesion_<id>_prob.nii.gz")
@@ -87,21 +89,48 @@ def find_cases(image_arg: str, prompt_arg: str) -> list[Case]:
         raise LesionLocatorError(f"Input not found: {images}")
     if not prompts.exists():
         raise LesionLocatorError(f"Prompt not found: {prompts}")
+    if images.is_file() and not is_image_file(images):
+        raise LesionLocatorError(f"-i {images} is not an image: give a .nii/.nii.gz, .nrrd or .mha/.mhd file, a DICOM "
+                                 "series folder, or a folder of images.")
     if is_image_file(images) or _is_dicom_folder(images):
         if prompts.is_dir():
             raise LesionLocatorError("A single image needs a single prompt file (-p), not a folder.")
+        if prompts.resolve() == images.resolve():
+            raise LesionLocatorError(f"-p {prompts} is the image itself: give its prompt JSON file or lesion mask.")
         return [Case(images, prompts)]
     if not prompts.is_dir():
         raise LesionLocatorError("A folder of images (-i) needs a folder of prompts (-p) named like the images.")
-    by_stem = {image_stem(p) if is_image_file(p) else p.stem: p for p in prompts.iterdir()
-               if p.suffix == ".json" or is_image_file(p)}
+    return paired_cases(images, prompts)
+
+
+def by_stem(paths: list[Path]) -> dict[str, list[Path]]:
+    """Files grouped by name without extension (`a.nii.gz` and `a.json` both 'a')."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(paths):
+        groups.setdefault(image_stem(path) if is_image_file(path) else path.stem, []).append(path)
+    return groups
+
+
+def paired_cases(images: Path, prompts: Path) -> list[Case]:
+    """Each image of a folder with the prompt file of its name. An image is never its own prompt (-i and -p may be
+    one folder); two prompts for one image, or two images of one name, are refused: their outputs would mix."""
+    image_groups = by_stem([p for p in images.iterdir() if is_image_file(p)])
+    inputs = {p.resolve() for group in image_groups.values() for p in group}
+    prompt_groups = by_stem([p for p in prompts.iterdir() if p.resolve() not in inputs
+                             and (is_image_file(p) or (p.is_file() and p.suffix == ".json"))])
     cases, missing = [], []
-    for image in sorted(p for p in images.iterdir() if is_image_file(p)):
-        prompt = by_stem.get(image_stem(image))
-        if prompt is None:
-            missing.append(image.name)
+    for stem, group in image_groups.items():
+        candidates = prompt_groups.get(stem, [])
+        if not candidates:
+            missing += [p.name for p in group]
+        elif len(candidates) > 1:
+            raise LesionLocatorError(f"{' and '.join(p.name for p in candidates)} in {prompts} are both prompts for "
+                                     f"'{stem}': keep one (a JSON file or a lesion mask) or move the other away.")
+        elif len(group) > 1:
+            raise LesionLocatorError(f"{' and '.join(p.name for p in group)} in {images} share the name '{stem}': their "
+                                     "prompt and outputs would mix. Rename one, or move it to another folder.")
         else:
-            cases.append(Case(image, prompt))
+            cases.append(Case(group[0], candidates[0]))
     if missing:
         print(f"No prompt for {', '.join(missing)} in {prompts}: skipped.", file=sys.stderr)
     if not cases:
@@ -109,13 +138,12 @@ def find_cases(image_arg: str, prompt_arg: str) -> list[Case]:
     return cases
 
 
-def read_prompts(path: Path, image: ImageVolume) -> tuple[dict[int, Prompt], dict[int, str]]:
+def read_prompts(path: Path, image: ImageVolume) -> tuple[dict[int, Prompt], dict[int, str], str]:
+    """Prompts, per-lesion errors and a note (a mask on another grid is resampled onto the image's)."""
     if path.suffix == ".json":
-        return load_prompt_json(path)
-    labels = read_image(path)
-    if labels.shape_zyx != image.shape_zyx:
-        raise PromptError(f"Mask {path} has shape {labels.shape_zyx}, the image {image.shape_zyx}: use the image grid.")
-    return {k: MaskPrompt(v) for k, v in split_instance_mask(labels.array).items()}, {}
+        return (*load_prompt_json(path), "")
+    masks, errors, note = lesions_from_label_image(read_image(path), image, str(path))
+    return {k: MaskPrompt(v) for k, v in masks.items()}, errors, note
 
 
 def prompt_type_note(stem: str, prompts: dict[int, Prompt], prompt_type: str) -> str | None:
@@ -137,15 +165,85 @@ def stderr_progress(enabled: bool):
     return report if enabled else None
 
 
-def output_paths(output: Path, stem: str, lesion_ids, probabilities: bool) -> list[Path]:
-    paths = [output / f"{stem}_lesion_{i}.nii.gz" for i in lesion_ids]
-    return paths + ([output / f"{stem}_lesion_{i}_prob.nii.gz" for i in lesion_ids] if probabilities else [])
+def lesion_outputs(output: Path, stem: str, lesion_id: int, probabilities: bool) -> list[Path]:
+    """The mask and, with --probabilities, the probability map of one lesion."""
+    name = f"{stem}_lesion_{lesion_id}"
+    return [output / f"{name}.nii.gz"] + ([output / f"{name}_prob.nii.gz"] if probabilities else [])
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse an -o that is a file or lies under one, before any work."""
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise LesionLocatorError(f"-o {output}: {existing} is a file, not a folder. Give a folder for the outputs.")
+
+
+def refuse_inputs_as_outputs(targets: list[Path], inputs: list[Path]) -> None:
+    """Even --overwrite never writes over a file that this run reads."""
+    resolved = {Path(p).resolve() for p in inputs}
+    clash = next((t for t in targets if t.resolve() in resolved), None)
+    if clash is not None:
+        raise LesionLocatorError(f"{clash} is an input of this run and would be overwritten by an output: nothing was "
+                                 "written. Give another -o folder, or move the input.")
+
+
+def pending_lesions(case: Case, prompts: dict[int, Prompt], output: Path, args: argparse.Namespace) -> list[int]:
+    """The lesions to segment: all, or with --continue_prediction those missing an output. Refuses to replace an
+    existing output without --overwrite or --continue_prediction."""
+    outputs = {k: lesion_outputs(output, case.stem, k, args.probabilities) for k in prompts}
+    refuse_inputs_as_outputs([p for paths in outputs.values() for p in paths], [case.image_path, case.prompt_path])
+    if args.continue_prediction:
+        return [k for k, paths in outputs.items() if not all(p.exists() for p in paths)]
+    existing = [p for paths in outputs.values() for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise LesionLocatorError(
+            f"{existing[0]} already exists; nothing was overwritten. Use another -o folder, --overwrite to "
+            "replace, or --continue_prediction to skip finished lesions."
+        )
+    return list(prompts)
+
+
+def segment_case(case: Case, segmenter, output: Path, args: argparse.Namespace, check_hu: bool) -> int:
+    """Segment one image's pending lesions and write them; returns the number of failures (reported)."""
+    image = read_image(case.image_path)
+    prompts, errors, note = read_prompts(case.prompt_path, image)
+    if not prompts and not errors:
+        print(f'{case.stem}: no prompt in file {case.prompt_path}; give lesions as {{"1": {{"point": [z, y, x]}}}}.',
+              file=sys.stderr)
+        return 1
+    pending = pending_lesions(case, prompts, output, args)
+    kept = [str(k) for k in prompts if k not in pending]
+    if kept:
+        print(f"{case.stem}: lesion(s) {', '.join(kept)} already segmented, kept (--continue_prediction).",
+              file=sys.stderr)
+    if pending:
+        print(f"{case.stem}: {len(pending)} lesion(s)", file=sys.stderr)
+        prompts = {k: prompts[k] for k in pending}
+        notes = [note, prompt_type_note(case.stem, prompts, args.prompt_type),
+                 hu_warning(image.array, case.stem) if check_hu else ""]
+        for text in filter(None, notes):
+            print(text, file=sys.stderr)
+        result = segmenter.segment(image, prompts,
+                                   progress=stderr_progress(not args.disable_progress_bar),
+                                   return_probabilities=args.probabilities)
+        for lesion_id, mask in result.masks.items():
+            arrays = (mask, result.probabilities[lesion_id] if args.probabilities else None)
+            for path, array, write in zip(lesion_outputs(output, case.stem, lesion_id, args.probabilities), arrays,
+                                          (write_mask, write_volume)):
+                if args.overwrite or not path.exists():  # continuing: a lesion's existing file is kept
+                    write(array, image, path)
+        errors = {**errors, **result.errors}
+    for lesion_id, message in errors.items():
+        print(f"{case.stem}: lesion {lesion_id} skipped: {message}", file=sys.stderr)
+    return len(errors)
 
 
 def run(args: argparse.Namespace) -> int:
     from .segmentation import Segmenter
 
     output = Path(args.output)
+    check_output_folder(output)
+    cases = find_cases(args.input, args.prompt)
     output.mkdir(parents=True, exist_ok=True)
     model_root = resolve_model_root(args.model)
     check_hu = expects_hounsfield_units(model_root)
@@ -156,33 +254,5 @@ def run(args: argparse.Namespace) -> int:
         box_refinement=not args.disable_box_refinement, point_extent=not args.disable_point_extent,
         box_fine_grid=not args.disable_box_fine_grid,
     )
-    failures = 0
-    for case in find_cases(args.input, args.prompt):
-        image = read_image(case.image_path)
-        prompts, errors = read_prompts(case.prompt_path, image)
-        targets = output_paths(output, case.stem, prompts, args.probabilities)
-        existing = [p for p in targets if p.exists()]
-        if existing and args.continue_prediction:
-            print(f"{case.stem}: outputs exist, skipped (--continue_prediction).", file=sys.stderr)
-            continue
-        if existing and not args.overwrite:
-            raise LesionLocatorError(
-                f"{existing[0]} already exists; nothing was overwritten. Use another -o folder, --overwrite to "
-                "replace, or --continue_prediction to skip finished cases."
-            )
-        print(f"{case.stem}: {len(prompts)} lesion(s)", file=sys.stderr)
-        notes = [prompt_type_note(case.stem, prompts, args.prompt_type),
-                 hu_warning(image.array, case.stem) if check_hu else ""]
-        for note in filter(None, notes):
-            print(note, file=sys.stderr)
-        result = segmenter.segment(image, prompts, progress=stderr_progress(not args.disable_progress_bar),
-                                   return_probabilities=args.probabilities)
-        for lesion_id, mask in result.masks.items():
-            write_mask(mask, image, output / f"{case.stem}_lesion_{lesion_id}.nii.gz")
-            if args.probabilities:
-                write_volume(result.probabilities[lesion_id], image, output / f"{case.stem}_lesion_{lesion_id}_prob.nii.gz")
-        for lesion_id, message in {**errors, **result.errors}.items():
-            failures += 1
-            print(f"{case.stem}: lesion {lesion_id} skipped: {message}", file=sys.stderr)
+    failures = sum(segment_case(case, segmenter, output, args, check_hu) for case in cases)
     return 1 if failures else 0
-

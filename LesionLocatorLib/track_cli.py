@@ -12,13 +12,19 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from natsort import natsorted
 
 from .errors import LesionLocatorError, PromptError
 from .image import ImageVolume, image_stem, read_image, write_mask
 from .intensity_check import expects_hounsfield_units, hu_warning
-from .prompts import MaskPrompt, Prompt, load_prompt_json, prompt_kind, split_instance_mask
-from .segment_cli import add_model_options, resolve_model_root, stderr_progress
+from .prompts import (
+    MaskPrompt, Prompt, grid_difference, lesions_from_label_image, load_prompt_json, prompt_kind, resample_labels,
+    validate_prompt,
+)
+from .segment_cli import (
+    add_model_options, check_output_folder, refuse_inputs_as_outputs, resolve_model_root, stderr_progress,
+)
 
 TRACKING_FORMAT = "lesionlocator-tracking/1"
 
@@ -40,28 +46,54 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def read_track_prompts(paths: list[str], prompt_type: str, baseline: ImageVolume) -> tuple[dict[int, Prompt], dict[int, str]]:
+    """The baseline's prompts, each checked against it (an unusable one goes to the errors), from a JSON file, a
+    lesion instance map, or one mask file per lesion. Masks on another grid are resampled onto the baseline's."""
     if prompt_type in ("point", "box"):
         if len(paths) != 1 or not paths[0].endswith(".json"):
             raise PromptError(f"-t {prompt_type} needs one JSON prompt file; got {paths}.")
         prompts, errors = load_prompt_json(paths[0])
-        wrong = [k for k, p in prompts.items() if prompt_kind(p) != prompt_type]
-        for lesion_id in wrong:
-            errors[lesion_id] = f"lesion {lesion_id} is not a {prompt_type} prompt (-t {prompt_type})"
-            del prompts[lesion_id]
-        return prompts, errors
+        usable = {}
+        for lesion_id, prompt in prompts.items():
+            try:
+                if prompt_kind(prompt) != prompt_type:
+                    raise PromptError(f"not a {prompt_type} prompt (-t {prompt_type})")
+                usable[lesion_id] = validate_prompt(prompt, baseline.shape_zyx)
+            except PromptError as error:
+                errors[lesion_id] = str(error)
+        return usable, errors
     json_files = [p for p in paths if p.endswith(".json")]
     if json_files:
-        raise PromptError(f"-t prev_mask takes lesion masks on the baseline's grid, not JSON prompts ({json_files[0]}); "
+        raise PromptError(f"-t prev_mask takes lesion masks of the baseline, not JSON prompts ({json_files[0]}); "
                           "give -t point or -t box for a JSON file.")
-    masks = [read_image(p) for p in natsorted(paths)]
-    for path, mask in zip(natsorted(paths), masks):
-        if mask.shape_zyx != baseline.shape_zyx:
-            raise PromptError(f"Mask {path} has shape {mask.shape_zyx}; the baseline {baseline.shape_zyx}. Give "
-                              "masks on the baseline's grid.")
-    if len(masks) == 1:
-        return {k: MaskPrompt(v, from_instance_map=True) for k, v in split_instance_mask(masks[0].array).items()}, {}
+    if len(paths) == 1:
+        masks, errors, note = lesions_from_label_image(read_image(paths[0]), baseline, paths[0])
+        if note:
+            print(note, file=sys.stderr)
+        return {k: MaskPrompt(v, from_instance_map=True) for k, v in masks.items()}, errors
     # a list of per-lesion masks: lesion k is the k-th file in natural order (official numbering)
-    return {k: MaskPrompt(m.array > 0) for k, m in enumerate(masks, start=1)}, {}
+    prompts, errors = {}, {}
+    for lesion_id, path in enumerate(natsorted(paths), start=1):
+        try:
+            prompts[lesion_id] = MaskPrompt(lesion_mask_file(path, lesion_id, baseline))
+        except PromptError as error:
+            errors[lesion_id] = str(error)
+    return prompts, errors
+
+
+def lesion_mask_file(path: str, lesion_id: int, baseline: ImageVolume) -> np.ndarray:
+    """One lesion's mask file on the baseline's grid (resampled there, with a note, when it is on another)."""
+    mask = read_image(path)
+    if not np.any(mask.array > 0):
+        raise PromptError(f"mask file {path} (lesion {lesion_id}) is empty: it labels no voxel of the lesion")
+    if mask.same_grid(baseline):
+        return mask.array > 0
+    on_baseline = resample_labels(mask, baseline) > 0
+    if not on_baseline.any():
+        raise PromptError(f"mask file {path} (lesion {lesion_id}) does not overlap the baseline "
+                          f"({grid_difference(mask, baseline)}): give a mask drawn on the baseline")
+    print(f"{path} is not on the baseline's grid ({grid_difference(mask, baseline)}): resampled onto it (nearest "
+          "neighbour, in physical space).", file=sys.stderr)
+    return on_baseline
 
 
 def output_stems(baseline: Path, followups: list[Path]) -> list[str]:
@@ -101,19 +133,31 @@ def tracking_json(result, stems: list[str], paths: list[Path], write_baseline: b
             "registrations_computed": result.registrations_computed}
 
 
+def no_usable_prompt(paths: list[str], errors: dict[int, str]) -> int:
+    """Exit status 1, as segment's when every prompt fails: each reason is printed, nothing is tracked or written."""
+    for lesion_id, message in sorted(errors.items()):
+        print(f"lesion {lesion_id} skipped: {message}", file=sys.stderr)
+    print(f"error: {'No usable prompt' if errors else 'No prompt'} in file {', '.join(paths)}; nothing was tracked.",
+          file=sys.stderr)
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
     from .tracking import Tracker
 
     output = Path(args.output)
+    check_output_folder(output)
     paths = [Path(args.baseline), *map(Path, args.followups)]
     images = [read_image(p) for p in paths]
     prompts, errors = read_track_prompts(args.prompt, args.prompt_type, images[0])
     if not prompts:
-        raise PromptError("No usable prompt: " + "; ".join(errors[k] for k in sorted(errors, key=str)) + ".")
+        return no_usable_prompt(args.prompt, errors)
     stems = output_stems(paths[0], paths[1:])
     write_baseline = args.prompt_type != "prev_mask"
-    targets = [output / f"{stem}_lesion_{k}.nii.gz" for stem in (stems if write_baseline else stems[1:]) for k in prompts]
-    existing = [p for p in targets + [output / "lesions.json"] if p.exists()]
+    targets = [output / mask_file(stem, k, t, write_baseline) for t, stem in enumerate(stems) for k in prompts]
+    targets.append(output / "lesions.json")
+    refuse_inputs_as_outputs(targets, [*paths, *map(Path, args.prompt)])
+    existing = [p for p in targets if p.exists()]
     if existing and not args.overwrite:
         raise LesionLocatorError(f"{existing[0]} already exists; nothing was overwritten. Use another -o or --overwrite.")
     output.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from .errors import CheckpointError, LesionLocatorError, PromptError
 from .image import ImageVolume
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, inclusive_bbox, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor
-from .prompts import BoxPrompt, MaskPrompt, Prompt
+from .prompts import BoxPrompt, MaskPrompt, Prompt, validate_prompt
 from .registration import make_registration
 from .registration.base import Deformation, Registration
 from .registration.zalign import z_alignment_windows
@@ -479,11 +479,20 @@ class Tracker:
         records = {}
         for lesion_id in prompts:
             if lesion_id in direct:
-                mask, message = direct[lesion_id].mask, ""
+                mask, message = self._checked_mask(direct[lesion_id], image)
             else:
                 mask, message = result.masks.get(lesion_id), result.errors.get(lesion_id, "")
             records[lesion_id] = lesion_record(lesion_id, t, image, mask, "prompted", message)
         return records
+
+    @staticmethod
+    def _checked_mask(prompt: MaskPrompt, image: ImageVolume) -> tuple[np.ndarray | None, str]:
+        """A mask prompt used as that timepoint's mask, or why it cannot be (empty, another grid): a user's mistake,
+        not a lesion the model did not find."""
+        try:
+            return validate_prompt(prompt, image.shape_zyx).mask, ""
+        except PromptError as error:
+            return None, str(error)
 
     def _tracked(self, t: int, timepoints, lesions, prompted: set, from_instance_map: set, stage, cancel_event) -> dict:
         """Lesions not prompted at t, tracked from the last timepoint where each was found."""

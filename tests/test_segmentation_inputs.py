@@ -2,22 +2,27 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from LesionLocatorLib import cli
 from LesionLocatorLib.errors import LesionLocatorError, PromptError
-from LesionLocatorLib.image import ImageVolume, read_image
+from LesionLocatorLib.image import ImageVolume, read_image, write_volume
 from LesionLocatorLib.prompts import (
-    BoxPrompt, MaskPrompt, PointPrompt, dense_point, load_prompt_json, split_instance_mask,
+    BoxPrompt, MaskPrompt, PointPrompt, dense_point, lesions_from_label_image, load_prompt_json, split_instance_mask,
 )
 from LesionLocatorLib.segmentation import Segmenter
+from LesionLocatorLib.tracking import flipped_volume
 from golden import FIXTURES, dice, require
 
 TINY = FIXTURES / "tiny"
 IMAGE = FIXTURES / "inputs" / "A_ts1" / "image" / "A_ts1.nii.gz"
+GT = FIXTURES / "inputs" / "A_ts1" / "gt" / "A_ts1_gt_inst.nii.gz"
 LESION_1_ZYX = (24.15, 33.10, 19.97)
 LESION_2_ZYX = (30.08, 40.00, 47.14)
 
@@ -93,8 +98,23 @@ def test_binary_mask_is_split_into_connected_lesions():
     masks = split_instance_mask(labels)
     assert sorted(masks) == [1, 2]
     assert sorted(int(m.sum()) for m in masks.values()) == [8, 27]
+    for value in (255, 7):  # any single non-zero value is binary (a 0/255 export), numbered 1..N as 0/1 is
+        other = split_instance_mask(labels * value)
+        assert sorted(other) == [1, 2] and all(np.array_equal(other[k], masks[k]) for k in masks)
     with pytest.raises(PromptError, match="empty"):
         split_instance_mask(np.zeros((3, 3, 3)))
+
+
+def test_an_instance_map_on_another_grid_is_resampled_and_lesions_outside_are_errors(image):
+    gt = read_image(require(GT)).array
+    labels = np.where(gt == 1, 7, np.where(gt == 2, 300, 0)).astype(np.uint16)
+    # the map's voxel (0, 0, 0) lies on the image's (0, 0, 20): lesion 7 (x 20 -> 40) stays, 300 (x 47 -> 67) leaves
+    shifted = replace(image, array=labels, origin_lps=tuple(image.index_zyx_to_lps((0, 0, 20))))
+    masks, errors, note = lesions_from_label_image(shifted, image, "map.nii.gz")
+    assert sorted(masks) == [7] and np.array_equal(masks[7][:, :, 20:], labels[:, :, :44] == 7)
+    assert errors == {300: "lesion 300 of map.nii.gz lies outside the image"}
+    assert "map.nii.gz is not on the image's grid (origin (LPS)" in note and "resampled onto it" in note
+    assert lesions_from_label_image(image.with_array(labels), image, "same.nii.gz")[1:] == ({}, "")
 
 
 def test_prompt_json_accepts_strings_and_numbers_and_reports_bad_lesions(tmp_path: Path):
@@ -108,6 +128,27 @@ def test_prompt_json_accepts_strings_and_numbers_and_reports_bad_lesions(tmp_pat
     path.write_text("{not json")
     with pytest.raises(PromptError, match="not valid JSON"):
         load_prompt_json(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"1": {"point": [1, 2, 3]}, "01": {"box": [1, 2, 3, 4, 5, 6]}}', "the ids '1' and '01' both name lesion 1"),
+    ('{"1": {"point": [1, 2, 3]}, "1": {"box": [1, 2, 3, 4, 5, 6]}}', "the key(s) 1 appear more than once"),
+    ('{"0": {"point": [1, 2, 3]}}', "lesion ids must be 1 or more (0 is the background); got '0'"),
+    ('{"-2": {"point": [1, 2, 3]}}', "lesion ids must be 1 or more (0 is the background); got '-2'"),
+])
+def test_prompt_json_with_a_lesion_named_twice_or_a_non_positive_id_is_refused(tmp_path: Path, text, message):
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(PromptError) as error:
+        load_prompt_json(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_prompt_json_entry_with_both_a_point_and_a_box_is_an_error(tmp_path: Path):
+    path = tmp_path / "p.json"
+    path.write_text('{"1": {"point": [1, 2, 3], "box": [1, 2, 3, 4, 5, 6]}, "2": {"point": [1, 2, 3]}}')
+    prompts, errors = load_prompt_json(path)
+    assert sorted(prompts) == [2] and "both a 'point' and a 'box'" in errors[1]
 
 
 def test_probabilities_and_no_nan_outside_the_patch(segmenter, image):
@@ -158,8 +199,103 @@ def test_cli_never_overwrites_and_can_continue(tmp_path: Path, capsys):
     before = written.read_bytes()
     assert cli.main(command) == 2
     assert "already exists" in capsys.readouterr().err and written.read_bytes() == before
-    assert cli.main(command + ["--continue_prediction"]) == 0
+    assert cli.main(command + ["--continue_prediction"]) == 1  # lesion 1 kept, lesion 2 retried and reported again
+    err = capsys.readouterr().err
+    assert "lesion(s) 1 already segmented, kept" in err and "lesion 2 skipped" in err
     assert cli.main(command + ["--overwrite"]) == 1
+
+
+def segment_command(image: Path, prompts: Path, output: Path, *extra: str) -> list[str]:
+    return ["segment", "-i", str(image), "-p", str(prompts), "-o", str(output), "-t", "box", "-m", str(require(TINY)),
+            "-device", "cpu", "--preset", "fast", "--disable_progress_bar", *extra]
+
+
+def test_cli_continue_prediction_segments_only_the_missing_lesions(tmp_path: Path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"1": {"point": list(LESION_1_ZYX)}}))
+    out = tmp_path / "out"
+    assert cli.main(segment_command(require(IMAGE), prompts, out)) == 0
+    first = (out / "A_ts1_lesion_1.nii.gz").read_bytes()
+    prompts.write_text(json.dumps({"1": {"box": [20, 29, 30, 38, 16, 25]}, "2": {"point": list(LESION_2_ZYX)}}))
+    assert cli.main(segment_command(require(IMAGE), prompts, out, "--continue_prediction")) == 0
+    assert "lesion(s) 1 already segmented, kept" in capsys.readouterr().err
+    assert (out / "A_ts1_lesion_1.nii.gz").read_bytes() == first
+    assert read_image(out / "A_ts1_lesion_2.nii.gz").array.sum() > 20
+    assert cli.main(segment_command(require(IMAGE), prompts, out, "--continue_prediction")) == 0
+    assert "lesion(s) 1, 2 already segmented" in capsys.readouterr().err
+
+
+def test_cli_resamples_a_mask_prompt_stored_on_another_grid(tmp_path: Path, capsys):
+    """The same mask stored mirrored (array flipped in y and x, direction flipped) labels the same voxels: it must
+    give the same lesions as the original, not be read voxel by voxel; a mask elsewhere is refused."""
+    gt = read_image(require(GT))
+    mirrored = flipped_volume(gt, (1, 2))
+    write_volume(mirrored.array, mirrored, tmp_path / "mirrored.nii.gz")
+    assert cli.main(segment_command(require(IMAGE), GT, tmp_path / "a")) == 0
+    assert cli.main(segment_command(require(IMAGE), tmp_path / "mirrored.nii.gz", tmp_path / "b")) == 0
+    assert "mirrored.nii.gz is not on the image's grid" in capsys.readouterr().err
+    for lesion_id in (1, 2):
+        name = f"A_ts1_lesion_{lesion_id}.nii.gz"
+        assert np.array_equal(read_image(tmp_path / "a" / name).array, read_image(tmp_path / "b" / name).array)
+    far = replace(gt, origin_lps=tuple(np.add(gt.origin_lps, 1000.0)))
+    write_volume(far.array, far, tmp_path / "far.nii.gz")
+    assert cli.main(segment_command(require(IMAGE), tmp_path / "far.nii.gz", tmp_path / "c")) == 2
+    assert "does not overlap the image" in capsys.readouterr().err and not list((tmp_path / "c").iterdir())
+
+
+def test_cli_never_pairs_an_image_with_itself_and_refuses_ambiguous_prompts(tmp_path: Path, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(require(IMAGE), cases / "A_ts1.nii.gz")
+    (cases / "A_ts1.json").write_text(json.dumps({"3": {"point": list(LESION_1_ZYX)}}))
+    assert cli.main(segment_command(cases, cases, tmp_path / "out")) == 0  # one folder for -i and -p
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A_ts1_lesion_3.nii.gz"]
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    shutil.copy(cases / "A_ts1.json", prompts / "A_ts1.json")
+    shutil.copy(require(GT), prompts / "A_ts1.nii.gz")
+    assert cli.main(segment_command(cases, prompts, tmp_path / "o2")) == 2
+    assert "A_ts1.json and A_ts1.nii.gz in" in capsys.readouterr().err
+    assert cli.main(segment_command(require(IMAGE), require(IMAGE), tmp_path / "o3")) == 2
+    assert "is the image itself" in capsys.readouterr().err
+
+
+def test_cli_refuses_two_images_of_one_name(tmp_path: Path, capsys):
+    images, prompts = tmp_path / "images", tmp_path / "prompts"
+    images.mkdir(), prompts.mkdir()
+    shutil.copy(require(IMAGE), images / "A_ts1.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(IMAGE)), str(images / "A_ts1.nrrd"))
+    (prompts / "A_ts1.json").write_text(json.dumps({"1": {"point": list(LESION_1_ZYX)}}))
+    assert cli.main(segment_command(images, prompts, tmp_path / "out", "--overwrite")) == 2
+    assert "A_ts1.nii.gz and A_ts1.nrrd in" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_cli_bad_output_and_input_paths_are_clear_errors(tmp_path: Path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"1": {"point": list(LESION_1_ZYX)}}))
+    (tmp_path / "outfile").write_text("")
+    for output in ("outfile", "outfile/sub"):
+        assert cli.main(segment_command(require(IMAGE), prompts, tmp_path / output)) == 2
+        assert "outfile is a file, not a folder" in capsys.readouterr().err
+    folder = tmp_path / "pdir"
+    folder.mkdir()
+    for prompt in (folder, prompts):  # -i an existing file that is not an image
+        assert cli.main(segment_command(prompts, prompt, tmp_path / "o")) == 2
+        assert "p.json is not an image" in capsys.readouterr().err
+
+
+def test_cli_never_overwrites_its_own_input_and_an_empty_prompt_file_fails(tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    prompt = out / "A_ts1_lesion_1.nii.gz"  # a mask named like an output, in -o
+    shutil.copy(require(GT), prompt)
+    assert cli.main(segment_command(require(IMAGE), prompt, out, "--overwrite")) == 2
+    assert "is an input of this run" in capsys.readouterr().err
+    assert prompt.read_bytes() == require(GT).read_bytes()
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    assert cli.main(segment_command(require(IMAGE), empty, tmp_path / "o")) == 1
+    assert "no prompt in file" in capsys.readouterr().err
 
 
 def test_cli_notes_prompts_of_the_other_kind_than_its_prompt_type(tmp_path: Path, capsys):

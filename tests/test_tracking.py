@@ -90,6 +90,16 @@ def test_empty_warped_mask_is_not_found_and_the_chain_goes_on(scans, mode):
     assert result.lesions[1][0].found
 
 
+def test_an_empty_or_misplaced_mask_prompt_says_why_not_not_found(scans):
+    """A user's mask that cannot be used is that mistake, not a lesion the model did not find (nor a crash later)."""
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration())
+    prompts = {1: MaskPrompt(np.zeros(scans[0].shape_zyx, np.uint8)), 2: MaskPrompt(np.ones((3, 3, 3), np.uint8))}
+    result = tracker.track(scans[:2], prompts)
+    assert "The mask prompt is empty" in result.lesions[1][0].message
+    assert "differs from the image shape" in result.lesions[2][0].message
+    assert not any(record.found for history in result.lesions.values() for record in history)
+
+
 def test_reprompt_at_a_follow_up_and_new_lesion(scans):
     tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration())
     baseline = {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])}
