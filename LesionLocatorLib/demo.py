@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LesionLocatorError
+from .errors import LesionLocatorError, require_folder_path
 from .image import read_image, write_volume
 
 SAMPLE_SEED = 7
@@ -78,8 +78,7 @@ def print_summary(output: Path, sample: Path) -> None:
 
 def _make_output_folder(output: Path) -> None:
     """Made before minutes of work; a file at or on the path is a clear error, never replaced."""
-    if output.exists() and not output.is_dir():
-        raise LesionLocatorError(f"-o {output} is a file; give a folder for the demo's output (nothing was changed).")
+    require_folder_path(output, "-o")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a part of the path is a file, or no permission

@@ -1,4 +1,5 @@
 """Errors the engine raises to its users. Every message says what went wrong and what to do."""
+from pathlib import Path
 
 
 class LesionLocatorError(Exception):
@@ -30,3 +31,11 @@ def require_positive(options: dict[str, float]) -> None:
     for option, value in options.items():
         if not value > 0:
             raise LesionLocatorError(f"{option} must be positive; got {value}.")
+
+
+def require_folder_path(path: Path, option: str, error: type[LesionLocatorError] = LesionLocatorError) -> None:
+    """Refuse, before any work, an output folder that is a file or lies under one."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise error(f"{option} {path} {where}; give a folder (nothing was written).")

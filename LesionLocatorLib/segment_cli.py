@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LesionLocatorError
+from .errors import LesionLocatorError, require_folder_path
 from .image import ImageVolume, image_stem, is_image_file, read_image, write_mask, write_volume
 from .intensity_check import expects_hounsfield_units, hu_warning
 from .prompts import MaskPrompt, Prompt, lesions_from_label_image, load_prompt_json, prompt_kind
@@ -171,13 +171,6 @@ def lesion_outputs(output: Path, stem: str, lesion_id: int, probabilities: bool)
     return [output / f"{name}.nii.gz"] + ([output / f"{name}_prob.nii.gz"] if probabilities else [])
 
 
-def check_output_folder(output: Path) -> None:
-    """Refuse an -o that is a file or lies under one, before any work."""
-    existing = next(p for p in (output, *output.parents) if p.exists())
-    if not existing.is_dir():
-        raise LesionLocatorError(f"-o {output}: {existing} is a file, not a folder. Give a folder for the outputs.")
-
-
 def refuse_inputs_as_outputs(targets: list[Path], inputs: list[Path]) -> None:
     """Even --overwrite never writes over a file that this run reads."""
     resolved = {Path(p).resolve() for p in inputs}
@@ -242,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     from .segmentation import Segmenter
 
     output = Path(args.output)
-    check_output_folder(output)
+    require_folder_path(output, "-o")
     cases = find_cases(args.input, args.prompt)
     output.mkdir(parents=True, exist_ok=True)
     model_root = resolve_model_root(args.model)

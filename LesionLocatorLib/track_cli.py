@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from natsort import natsorted
 
-from .errors import LesionLocatorError, PromptError
+from .errors import LesionLocatorError, PromptError, require_folder_path
 from .image import ImageVolume, image_stem, read_image, write_mask
 from .intensity_check import expects_hounsfield_units, hu_warning
 from .prompts import (
@@ -23,7 +23,7 @@ from .prompts import (
     validate_prompt,
 )
 from .segment_cli import (
-    add_model_options, check_output_folder, refuse_inputs_as_outputs, resolve_model_root, stderr_progress,
+    add_model_options, refuse_inputs_as_outputs, resolve_model_root, stderr_progress,
 )
 
 TRACKING_FORMAT = "lesionlocator-tracking/1"
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from .tracking import Tracker
 
     output = Path(args.output)
-    check_output_folder(output)
+    require_folder_path(output, "-o")
     paths = [Path(args.baseline), *map(Path, args.followups)]
     images = [read_image(p) for p in paths]
     prompts, errors = read_track_prompts(args.prompt, args.prompt_type, images[0])

@@ -274,9 +274,9 @@ def test_cli_bad_output_and_input_paths_are_clear_errors(tmp_path: Path, capsys)
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"1": {"point": list(LESION_1_ZYX)}}))
     (tmp_path / "outfile").write_text("")
-    for output in ("outfile", "outfile/sub"):
+    for output, message in (("outfile", "outfile is a file"), ("outfile/sub", "lies under the file")):
         assert cli.main(segment_command(require(IMAGE), prompts, tmp_path / output)) == 2
-        assert "outfile is a file, not a folder" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     folder = tmp_path / "pdir"
     folder.mkdir()
     for prompt in (folder, prompts):  # -i an existing file that is not an image

@@ -133,7 +133,7 @@ def test_baseline_copies_under_prompts_are_never_overwritten(tmp_path: Path, cap
 def test_an_output_folder_that_is_a_file_is_a_clear_error(tmp_path: Path, capsys):
     (tmp_path / "out").write_text("")
     assert track(tmp_path, [FOLLOW_UP]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
+    assert "is a file; give a folder" in capsys.readouterr().err
 
 
 def test_a_missing_follow_up_is_a_clear_error(tmp_path: Path, capsys):

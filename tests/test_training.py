@@ -322,7 +322,7 @@ def test_train_command_keeps_an_earlier_checkpoint_and_model_unless_told_to_over
         cli.run(parser.parse_args(common + ["--work-dir", str(work), "--resume", "--steps", "2"]))
     assert [path.read_bytes() for path in saved] == before and not (tmp_path / "other_work").exists()
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(LesionLocatorError, match="is a file; give a folder"):
+    with pytest.raises(LesionLocatorError, match="lies under the file"):
         cli.run(parser.parse_args(common + ["--work-dir", str(tmp_path / "file" / "work")]))
     assert cli.run(parser.parse_args(common + ["--work-dir", str(work), "--seed", "1", "--overwrite"])) == 0
     assert all(path.read_bytes() != old for path, old in zip(saved, before))

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..errors import require_folder_path
 from .build import Progress, Report, ReportError
 from .figures import lesion_plots_png, lesion_slices_png, summary_png
 from .html import render_html
@@ -36,18 +37,11 @@ def write_report(
             f"{', '.join(existing)} already exist(s) in {out_dir}; choose another output folder "
             "or allow overwriting (--overwrite on the command line, overwrite=True in Python)."
         )
-    _check_folder(out_dir)
+    require_folder_path(out_dir, "The report folder", ReportError)
     _write_all(_render(report, progress), out_dir, paths)
     if progress is not None:
         progress(1.0, "Report written")
     return paths
-
-
-def _check_folder(out_dir: Path) -> None:
-    nearest = next(path for path in (out_dir, *out_dir.parents) if path.exists())
-    if not nearest.is_dir():
-        where = "is a file" if nearest == out_dir else f"lies under the file {nearest}"
-        raise ReportError(f"The output path {out_dir} {where}; give a folder for the report.")
 
 
 def _render(report: Report, progress: Progress | None) -> dict[str, Callable[[Path], object]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import read_model_manifest
-from ..errors import LesionLocatorError, require_at_least, require_positive
+from ..errors import LesionLocatorError, require_at_least, require_folder_path, require_positive
 from ..point_search import DEFAULT_BOX_SIZES_MM
 from .plans import NET_FOLDER, TASKS, LiteModelConfig, drop_box_refinement, set_point_search
 from .own_data import fill_own_cache
@@ -134,13 +134,6 @@ def _init_source(value: str | None) -> str | None:
     return str(value)
 
 
-def _check_folder(path: Path, option: str) -> None:
-    """A folder this run writes must not be, or lie under, a file (found now, not after hours of training)."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise LesionLocatorError(f"{option} {path}: {existing} is a file; give a folder.")
-
-
 def _networks_replaced(output: Path, tasks: tuple[str, ...], net_folder: str) -> list[Path]:
     """The network folders in `output` that exporting would replace or take `tasks` from: the folder of each task
     being trained, and `net_folder` itself (it may serve other tasks)."""
@@ -152,8 +145,8 @@ def _networks_replaced(output: Path, tasks: tuple[str, ...], net_folder: str) ->
 
 def _check_nothing_replaced(args: argparse.Namespace, work_dir: Path, tasks: tuple[str, ...], net_folder: str) -> None:
     """Before samples and training: an earlier checkpoint or exported network is replaced only with --overwrite."""
-    _check_folder(args.output, "--output")
-    _check_folder(work_dir, "--work-dir")
+    require_folder_path(args.output, "--output")  # found now, not after hours of training
+    require_folder_path(work_dir, "--work-dir")
     check_fresh_start(work_dir, args.resume, args.overwrite)
     replaced = _networks_replaced(args.output, tasks, net_folder)
     if replaced and not args.overwrite:
