@@ -159,12 +159,10 @@ def _show_view(axes: Axes, view: AxialView, unit: str) -> None:
 def _draw_slice(
     axes: Axes, image: ImageVolume, mask: np.ndarray, measurement: LesionMeasurement, half_width: float, unit: str
 ) -> None:
-    long_axis = np.asarray(measurement.long_axis_lps)
-    view = axial_view(image, mask, long_axis.mean(axis=0), half_width)
+    view = axial_view(image, mask, np.mean(measurement.long_axis_lps, axis=0), half_width)
     _show_view(axes, view, unit)
-    short_axis = np.asarray(measurement.short_axis_lps)
-    axes.plot(long_axis[:, 0], long_axis[:, 1], color=LONG_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
-    axes.plot(short_axis[:, 0], short_axis[:, 1], color=SHORT_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
+    _draw_axis(axes, measurement.long_axis_lps, LONG_AXIS_COLOUR)
+    _draw_axis(axes, measurement.short_axis_lps, SHORT_AXIS_COLOUR)
     m = measurement
     axes.set_xlabel(f"LD {m.long_axis_mm:.1f} mm · SA {m.short_axis_mm:.1f} mm\n{m.volume_ml:.2f} mL", fontsize=8)
     _hide_ticks(axes)
@@ -178,14 +176,18 @@ def _draw_node_slice(
     view = axial_view(image, mask, short_axis.mean(axis=0), half_width)
     _show_view(axes, view, unit)
     if np.isclose(short_axis[0, 2], measurement.axial_plane_z_lps):  # the long axis lies on this slice too
-        long_axis = np.asarray(measurement.long_axis_lps)
-        axes.plot(long_axis[:, 0], long_axis[:, 1], color=LONG_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
-    axes.plot(short_axis[:, 0], short_axis[:, 1], color=SHORT_AXIS_COLOUR, linewidth=1.6, solid_capstyle="butt")
+        _draw_axis(axes, measurement.long_axis_lps, LONG_AXIS_COLOUR)
+    _draw_axis(axes, short_axis, SHORT_AXIS_COLOUR)
     m = measurement
     axes.set_xlabel(
         f"SA {m.largest_short_axis_mm:.1f} mm (largest) · LD {m.long_axis_mm:.1f} mm\n{m.volume_ml:.2f} mL", fontsize=8
     )
     _hide_ticks(axes)
+
+
+def _draw_axis(axes: Axes, segment_lps, colour: str) -> None:
+    ends = np.asarray(segment_lps)
+    axes.plot(ends[:, 0], ends[:, 1], color=colour, linewidth=1.6, solid_capstyle="butt")
 
 
 def _draw_missing(axes: Axes, status: str) -> None:
