@@ -145,6 +145,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deleteButton.connect("clicked(bool)", self.onDeleteLesion)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.lesionTableWidget.connect("cellClicked(int,int)", self.onLesionCellClicked)
+        self.ui.lymphNodeButton.connect("clicked(bool)", self.onLymphNodeClicked)
+        self.ui.confirmAbsentButton.connect("clicked(bool)", self.onConfirmAbsentClicked)
         self.ui.measureButton.connect("clicked(bool)", self.onMeasure)
         self.ui.exportReportButton.connect("clicked(bool)", self.onExportReport)
         self.ui.saveSegmentationsButton.connect("clicked(bool)", self.onSaveSegmentations)
@@ -430,6 +432,11 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = not busy and self.logic.canUndo
         self.ui.deleteButton.enabled = not busy and bool(self._parameterNode and self._parameterNode.currentLesion)
         self.ui.cancelButton.enabled = busy
+        row, cell = self._selectedCell()
+        self.ui.lymphNodeButton.enabled = not busy and row is not None
+        self.ui.lymphNodeButton.checked = row is not None and row.isLymphNode
+        self.ui.confirmAbsentButton.enabled = not busy and cell is not None and not cell.holdsUserVoxels
+        self.ui.confirmAbsentButton.checked = cell is not None and cell.status == segments.ABSENT
 
     # --- lesion table ----------------------------------------------------------------------------------------
     def _updateLesionTable(self) -> None:
@@ -439,9 +446,13 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         widget.setColumnCount(len(table.timepointNames))
         widget.setRowCount(len(table.rows))
         widget.setHorizontalHeaderLabels(table.timepointNames)
+        activeID = self._parameterNode.activeVolume.GetID() if self._parameterNode.activeVolume else None
+        activeColumn = table.timepointIDs.index(activeID) if activeID in table.timepointIDs else -1
         for rowIndex, row in enumerate(table.rows):
-            header = qt.QTableWidgetItem(row.name)
+            header = qt.QTableWidgetItem(row.name + (_(" (LN)") if row.isLymphNode else ""))
             header.setData(qt.Qt.DecorationRole, qt.QColor.fromRgbF(*row.colour))
+            if row.isLymphNode:
+                header.setToolTip(_("Lymph node: RECIST measures its largest short axis"))
             widget.setVerticalHeaderItem(rowIndex, header)
             for columnIndex, cell in enumerate(row.cells):
                 volume = f"{cell.volumeMl:.2f} ml\n" if cell.volumeMl else ""
@@ -449,8 +460,43 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setToolTip(_("Click to show {lesion} on this scan").format(lesion=row.name))
                 widget.setItem(rowIndex, columnIndex, item)
             if row.lesionId == self._parameterNode.currentLesion:
-                widget.selectRow(rowIndex)
+                self._selectCell(rowIndex, activeColumn)
         self._lesionTable = table
+
+    def _selectCell(self, rowIndex: int, columnIndex: int) -> None:
+        """The selected lesion on the scan shown (its whole row when that scan is not in the table)."""
+        if columnIndex < 0:
+            self.ui.lesionTableWidget.selectRow(rowIndex)
+        else:
+            self.ui.lesionTableWidget.setCurrentCell(rowIndex, columnIndex)
+
+    def _selectedCell(self) -> tuple:
+        """(row of the selected lesion, its cell on the scan shown); None for what is not selected."""
+        if self._parameterNode is None or self._lesionTable is None:
+            return None, None
+        row = next((r for r in self._lesionTable.rows if r.lesionId == self._parameterNode.currentLesion), None)
+        volume = self._parameterNode.activeVolume
+        if row is None or volume is None:
+            return row, None
+        return row, next((c for c in row.cells if c.volumeNodeID == volume.GetID()), None)
+
+    def onLymphNodeClicked(self, checked: bool) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Marking the lymph node failed."), waitCursor=True):
+            self._showDone(self.logic.setLymphNode(self._parameterNode.currentLesion, checked))
+        self._updateLesionTable()
+        self._updateButtons()
+
+    def onConfirmAbsentClicked(self, checked: bool) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Confirming the lesion absent failed."), waitCursor=True):
+            self._showDone(self.logic.setConfirmedAbsent(self._parameterNode.currentLesion,
+                                                         self._parameterNode.activeVolume, checked))
+        self._updateLesionTable()
+        self._updateButtons()
+
+    @staticmethod
+    def _showDone(description: str | None) -> None:
+        if description:
+            slicer.util.showStatusMessage(_("Done: {what} (Ctrl+Z undoes it).").format(what=description), 5000)
 
     def onLesionCellClicked(self, rowIndex: int, columnIndex: int) -> None:
         """Select the lesion and show it on that scan, slices centred on it."""
@@ -514,6 +560,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic, LesionTrackingLogic):
         logic = slicer.util.getModuleLogic("LesionLocator")  # or LesionLocatorLogic()
         lesionId = logic.segmentLesion(volumeNode, pointRAS=[x, y, z])     # or boxRAS=(cornerA, cornerB)
         logic.trackLesion(lesionId, [followUp1, followUp2])
+        logic.setLymphNode(lesionId); logic.setConfirmedAbsent(lesionId, followUp2)  # for RECIST; undoable
         logic.lesionTable(); logic.undo(); logic.deleteLesion(lesionId)
     """
 

@@ -8,10 +8,11 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML classes) is not installed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "LesionLocator"))
 
-from LesionLocatorSlicer import measurements, segments  # noqa: E402
+from LesionLocatorLib.image import ImageVolume  # noqa: E402
+from LesionLocatorSlicer import geometry, measurements, segments  # noqa: E402
 from LesionLocatorSlicer.logic import LesionTrackingLogic  # noqa: E402
 from test_slicer_geometry import addLinearTransform, rigid  # noqa: E402
-from test_slicer_segments import addTimepoint, applyMask, cube  # noqa: E402
+from test_slicer_segments import SHAPE_ZYX, addTimepoint, applyMask, cube  # noqa: E402
 
 
 @pytest.fixture
@@ -146,3 +147,27 @@ def test_a_lesion_not_found_is_a_gap_not_zero_ml(scene, twoScansTwoLesions):
     assert columns["Status"][3] == "not found" and np.isnan(columns["Volume (ml)"][3])
     volumes = tableColumns(chart.GetNthPlotSeriesNode(1).GetTableNode())["Lesion 2"]
     assert volumes[0] > 0 and np.isnan(volumes[1])
+
+
+def test_a_lymph_nodes_largest_short_axis_gets_its_own_line_when_on_another_slice(scene):
+    """A thin 18 mm slab above a 10 mm square: the long and short axes lie on the slab's slice, a node's RECIST
+    diameter (largest short axis) on the square's; only a lymph node gets that third line."""
+    logic = LesionTrackingLogic(scene)
+    volume = geometry.addVolumeNodeFromImage(scene, ImageVolume(np.zeros(SHAPE_ZYX, np.int16), (1.0, 1.0, 2.0),
+                                                                (0.0, 0.0, 0.0), np.eye(3)), "scan")
+    mask = cube((2, 2, 0), (4, 4, 18))
+    mask[4:8, 2:12, 2:12] = 1
+    applyMask(logic, volume, mask)
+
+    def diameterLines() -> dict[str, float]:
+        logic.showMeasurements([volume])
+        lines = nodesWithAttribute(scene, measurements.VOLUME_ATTRIBUTE)
+        return {line.GetName(): line.GetLineLengthWorld() for line in lines}
+
+    assert sorted(diameterLines()) == ["Lesion 1 long axis (scan)", "Lesion 1 short axis (scan)"]
+    logic.setLymphNode(1)
+    lines = diameterLines()
+    node = logic.longitudinalReport([volume]).lesion(1).measurements[0]
+    assert node.largest_short_axis_lps != node.short_axis_lps
+    assert lines["Lesion 1 largest short axis (scan)"] == pytest.approx(node.largest_short_axis_mm, rel=1e-6)
+    assert lines["Lesion 1 short axis (scan)"] < node.largest_short_axis_mm < lines["Lesion 1 long axis (scan)"]

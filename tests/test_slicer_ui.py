@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 UI_FILE = REPO / "Resources" / "UI" / "LesionLocator.ui"
 MODULE_SOURCE = (REPO / "LesionLocator" / "LesionLocator.py").read_text()
+LOGIC_SOURCE = (REPO / "LesionLocator" / "LesionLocatorSlicer" / "logic.py").read_text()
 
 # The class each widget the Widget uses must have (what its code calls on it needs that class).
 EXPECTED_CLASSES = {
@@ -26,6 +27,8 @@ EXPECTED_CLASSES = {
     "deleteButton": "QPushButton",
     "cancelButton": "QPushButton",
     "lesionTableWidget": "QTableWidget",
+    "lymphNodeButton": "QPushButton",
+    "confirmAbsentButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
     "measureButton": "QPushButton",
@@ -82,8 +85,8 @@ def test_parameter_bindings_name_real_parameters_with_a_supported_widget(widgets
         assert widgetClass in CONNECTORS[types[parameter]], f"{widgetClass} cannot show a {types[parameter]}"
 
 
-def test_prompt_buttons_are_checkable(widgets):
-    for name in ("pointButton", "boxButton"):
+def test_prompt_and_reader_statement_buttons_are_checkable(widgets):
+    for name in ("pointButton", "boxButton", "lymphNodeButton", "confirmAbsentButton"):
         checkable = [p for p in widgets[name].findall("property") if p.get("name") == "checkable"]
         assert checkable and checkable[0].find("bool").text == "true", name
 
@@ -103,3 +106,25 @@ def test_node_selector_gets_the_scene_from_the_module_widget():
     connections = ElementTree.parse(UI_FILE).find("connections")
     receivers = {c.findtext("receiver") for c in connections if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
     assert receivers == {"addTimepointSelector"}
+
+
+def test_reader_statement_buttons_act_on_clicks_and_say_what_they_do_for_recist(widgets):
+    """The Widget sets their checked state from the lesion table: only a click (not 'toggled') may call the Logic."""
+    for name, handler, logicCall in (("lymphNodeButton", "onLymphNodeClicked", "setLymphNode"),
+                                     ("confirmAbsentButton", "onConfirmAbsentClicked", "setConfirmedAbsent")):
+        assert f'self.ui.{name}.connect("clicked(bool)", self.{handler})' in MODULE_SOURCE
+        body = re.search(rf"def {handler}\(.*?\n\n", MODULE_SOURCE, re.S).group(0)
+        assert f"self.logic.{logicCall}(" in body
+        assert "RECIST" in widgets[name].find("property[@name='toolTip']/string").text
+
+
+def test_every_logic_member_the_widget_uses_exists():
+    classes = [node for source in (MODULE_SOURCE, LOGIC_SOURCE) for node in ast.parse(source).body
+               if isinstance(node, ast.ClassDef) and node.name in ("LesionTrackingLogic", "LesionLocatorLogic")]
+    members = {node.name for cls in classes for node in cls.body if isinstance(node, ast.FunctionDef)}
+    members |= {target.attr for cls in classes for node in ast.walk(cls) if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Attribute)}
+    widget = slice(MODULE_SOURCE.index("class LesionLocatorWidget"), MODULE_SOURCE.index("class LesionLocatorLogic"))
+    widgetSource = MODULE_SOURCE[widget]
+    used = set(re.findall(r"self\.logic\.(\w+)", widgetSource))
+    assert used <= members, f"the Logic has no {sorted(used - members)}"

@@ -111,9 +111,14 @@ class TrackingRequest:
 @dataclass
 class LesionCell:
     volumeNodeID: str
-    status: str = ""  # prompted / tracked / not found / edited; "" = not analysed at this timepoint
+    status: str = ""  # prompted / tracked / not found / edited / absent; "" = not analysed at this timepoint
     volumeMl: float | None = None
     centreRAS: tuple[float, float, float] | None = None  # world
+
+    @property
+    def holdsUserVoxels(self) -> bool:
+        """Voxels the user made here (a prompt's answer, or painted): confirming the lesion absent is refused."""
+        return self.status in segments.USER_VOXEL_STATUSES and bool(self.volumeMl)
 
 
 @dataclass
@@ -122,6 +127,7 @@ class LesionRow:
     name: str
     colour: tuple[float, float, float]
     cells: list[LesionCell]
+    isLymphNode: bool = False
 
 
 @dataclass
@@ -350,7 +356,8 @@ class LesionTrackingLogic:
         targets = [(lesionId, node.GetID()) for node in timepoints if node in given for lesionId in lesionIds
                    if not self._isPinned(lesionId, node)]
         if len(timepoints) < 2 or not targets:
-            raise LesionLocatorError("Choose at least one follow-up scan where the lesion is not segmented already.")
+            raise LesionLocatorError("Choose at least one follow-up scan where the lesion is not segmented or "
+                                     "confirmed absent already.")
         masks = {(lesionId, volumeID): mask for lesionId, byVolume in sources.items() for volumeID, mask in byVolume.items()}
         images = {node.GetID(): imageVolumeFromVolumeNode(node) for node in timepoints}
         self.intensityWarning(timepoints)
@@ -392,14 +399,62 @@ class LesionTrackingLogic:
     def deleteLesion(self, lesionId: int) -> None:
         """Remove the lesion's segment from every timepoint (undoable)."""
         step = UndoStep(f"deleting {segments.lesionName(lesionId)}")
-        for node in self._timepointSegmentations():
-            segmentId = segments.lesionSegmentIds(node).get(lesionId)
-            if segmentId is not None:
-                step.snapshots.append(segments.snapshotLesion(node, lesionId))
-                node.GetSegmentation().RemoveSegment(segmentId)
-        if not step.snapshots:
-            raise LesionLocatorError(f"There is no {segments.lesionName(lesionId)}.")
+        for node, segmentId in self._lesionSegments(lesionId):
+            step.snapshots.append(segments.snapshotLesion(node, lesionId))
+            node.GetSegmentation().RemoveSegment(segmentId)
         self._pushUndo(step)
+
+    # --- the reader's statements: lymph nodes, lesions gone (stored on the segments, saved with the scene) --------
+    def lymphNodeIds(self) -> list[int]:
+        """The lesions marked as lymph nodes (on any of their segments)."""
+        return sorted({lesionId for node in self._timepointSegmentations()
+                       for lesionId, segmentId in segments.lesionSegmentIds(node).items()
+                       if segments.isLymphNode(node.GetSegmentation().GetSegment(segmentId))})
+
+    def setLymphNode(self, lesionId: int, isLymphNode: bool = True) -> str | None:
+        """Mark the lesion as a lymph node (or not) on its segments at every scan; undoable. RECIST 1.1 then measures
+        it by its largest short axis: a target from 15 mm, normal (gone) under 10 mm. Returns what was done, None
+        when it already was so."""
+        isLymphNode = bool(isLymphNode)
+        changing = [(node, segmentId) for node, segmentId in self._lesionSegments(lesionId)
+                    if segments.isLymphNode(node.GetSegmentation().GetSegment(segmentId)) != isLymphNode]
+        if not changing:
+            return None
+        step = UndoStep(f"marking {segments.lesionName(lesionId)} as {'a' if isLymphNode else 'not a'} lymph node")
+        for node, segmentId in changing:
+            step.snapshots.append(segments.snapshotLesion(node, lesionId))
+            segments.setLymphNode(node.GetSegmentation().GetSegment(segmentId), isLymphNode)
+        self._pushUndo(step)
+        return step.description
+
+    def setConfirmedAbsent(self, lesionId: int, volumeNode, absent: bool = True) -> str | None:
+        """Confirm that the lesion is gone on this scan (or withdraw that); undoable.
+
+        Confirmed absent, it counts 0 mm there in the report (a target is no longer not evaluable, a new lesion no
+        longer progression; confirmed on the scans before it appears, it is a new lesion) and tracking leaves that
+        scan alone. A segment that tracking made there is cleared; voxels the user made there (prompted or edited)
+        are refused, never deleted. Withdrawn, the scan shows 'not found' and tracking may look there again.
+        Returns what was done, None when it already was so."""
+        self._lesionSegments(lesionId)  # refuses an unknown lesion
+        checkScan(volumeNode, self.scene)
+        cell = lesionCell(volumeNode, lesionId)
+        if (cell.status == segments.ABSENT) == bool(absent):
+            return None
+        name, scan = segments.lesionName(lesionId), volumeNode.GetName()
+        if absent and cell.holdsUserVoxels:
+            raise LesionLocatorError(
+                f"{name} on '{scan}' holds {cell.volumeMl:.2f} ml that you segmented ({cell.status}); nothing was "
+                "changed. If the lesion is really gone there, erase that segment's voxels (Segment Editor) or undo "
+                "your prompt, then confirm it absent.")
+        if not absent:
+            description = f"withdrawing that {name} is absent on '{scan}'"
+        else:
+            cleared = f", clearing its tracked segment ({cell.volumeMl:.2f} ml)" if cell.volumeMl else ""
+            description = f"confirming {name} absent on '{scan}'{cleared}"
+        step = UndoStep(description)
+        self._writeLesion(step, volumeNode, lesionId, None, segments.ABSENT if absent else segments.NOT_FOUND)
+        self._pushUndo(step)
+        return description
 
     def undo(self) -> str | None:
         """Undo the last LesionLocator edit; returns what was undone (None when there is nothing to undo)."""
@@ -422,11 +477,11 @@ class LesionTrackingLogic:
     def lesionTable(self, volumeNodes: list | None = None) -> LesionTable:
         """Lesion x timepoint: status, volume (ml) and world centre of every lesion at every timepoint."""
         timepoints = self.orderedTimepoints(volumeNodes) if volumeNodes is not None else self.timepointsWithLesions()
-        rows = []
+        rows, lymphNodes = [], self.lymphNodeIds()
         for lesionId in self.lesionIds():
             cells = [lesionCell(node, lesionId) for node in timepoints]
             name, colour = self._lesionNameAndColour(lesionId)
-            rows.append(LesionRow(lesionId, name, colour, cells))
+            rows.append(LesionRow(lesionId, name, colour, cells, lesionId in lymphNodes))
         return LesionTable([node.GetID() for node in timepoints], [node.GetName() for node in timepoints], rows)
 
     def _lesionNameAndColour(self, lesionId: int) -> tuple[str, tuple]:
@@ -439,17 +494,25 @@ class LesionTrackingLogic:
 
     # --- measurements, report, files ------------------------------------------------------------------------------
     def longitudinalReport(self, volumeNodes: list | None = None):
-        """Every lesion measured at every scan (LesionLocatorLib.report.build.Report), scans in time order."""
+        """Every lesion measured at every scan (LesionLocatorLib.report.build.Report), scans in time order, with
+        the lymph nodes and confirmed absences the user marked."""
         from LesionLocatorLib.report.build import build_report
 
         timepoints = self._reportTimepoints(volumeNodes)
         lesionIds = self.lesionIds()
+        atScans = {lesionId: [self._lesionAt(lesionId, node) for node in timepoints] for lesionId in lesionIds}
+        masks = {lesionId: [mask for mask, _ in entries] for lesionId, entries in atScans.items()}
+        absent = {lesionId: [t for t, (_, isAbsent) in enumerate(entries) if isAbsent]
+                  for lesionId, entries in atScans.items()}
         return build_report(
             [imageVolumeFromVolumeNode(node) for node in timepoints],
-            {lesionId: [self._lesionMaskAt(lesionId, node) for node in timepoints] for lesionId in lesionIds},
+            masks,
             timepoint_names=[node.GetName() for node in timepoints],
             study_dates=[studyDate(node, self.dicomDatabase()) or None for node in timepoints],
             lesion_names={lesionId: self._lesionNameAndColour(lesionId)[0] for lesionId in lesionIds},
+            lymph_nodes=self.lymphNodeIds(),
+            first_timepoints=firstTimepoints(masks, absent),
+            confirmed_absent=absent,
             intensity_unit=intensityUnit(timepoints),
         )
 
@@ -470,7 +533,8 @@ class LesionTrackingLogic:
         return write_report(self.longitudinalReport(volumeNodes), folder, overwrite=overwrite)["html"]
 
     def saveSegmentations(self, volumeNodes: list | None, folder: Path) -> list[Path]:
-        """Each scan's lesion segmentation as '<scan> lesions.seg.nrrd' (lesion ids and statuses in its tags)."""
+        """Each scan's lesion segmentation as '<scan> lesions.seg.nrrd' (lesion ids, statuses and lymph node markers
+        in its tags)."""
         written = []
         for volumeNode in self._reportTimepoints(volumeNodes):
             node = segments.timepointSegmentationNode(volumeNode)
@@ -490,11 +554,14 @@ class LesionTrackingLogic:
             raise LesionLocatorError("There is nothing to measure yet: segment a lesion first.")
         return timepoints
 
-    def _lesionMaskAt(self, lesionId: int, volumeNode) -> np.ndarray | None:
-        """The lesion's mask on the scan (empty: not found there), None when it was never analysed there."""
-        node = segments.timepointSegmentationNode(volumeNode)
-        segmentId = segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
-        return None if segmentId is None else segments.lesionMaskArray(node, segmentId, volumeNode)
+    def _lesionAt(self, lesionId: int, volumeNode) -> tuple[np.ndarray | None, bool]:
+        """The lesion's mask on the scan (empty: not found there; None: never analysed there) and whether it is
+        confirmed absent there."""
+        node, segmentId = lesionSegmentAt(volumeNode, lesionId)
+        if segmentId is None:
+            return None, False
+        mask = segments.lesionMaskArray(node, segmentId, volumeNode)
+        return mask, segments.isConfirmedAbsent(node.GetSegmentation().GetSegment(segmentId), mask)
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def _run(self, request, compute, apply, onDone: OnDone | None):
@@ -530,10 +597,18 @@ class LesionTrackingLogic:
                     masks[volumeNode.GetID()] = mask
         return masks
 
+    def _lesionSegments(self, lesionId: int) -> list[tuple[Any, str]]:
+        """[(segmentation node, segment id)] of the lesion at every scan; refuses a lesion that does not exist."""
+        found = [(node, segments.lesionSegmentIds(node)[lesionId]) for node in self._timepointSegmentations()
+                 if lesionId in segments.lesionSegmentIds(node)]
+        if not found:
+            raise LesionLocatorError(f"There is no lesion {lesionId!r}; the lesions are {self.lesionIds()} "
+                                     "(logic.lesionIds()).")
+        return found
+
     def _isPinned(self, lesionId: int, volumeNode) -> bool:
-        """Segmented by the user there (prompted or edited): tracking does not overwrite it."""
-        node = segments.timepointSegmentationNode(volumeNode)
-        segmentId = segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
+        """Set by the user there (prompted, edited or confirmed absent): tracking does not overwrite it."""
+        node, segmentId = lesionSegmentAt(volumeNode, lesionId)
         if segmentId is None:
             return False
         segment = node.GetSegmentation().GetSegment(segmentId)
@@ -541,13 +616,17 @@ class LesionTrackingLogic:
         return segments.lesionStatus(segment, voxels) in segments.PINNED_STATUSES
 
     def _writeLesion(self, step: UndoStep, volumeNode, lesionId: int, mask, status: str) -> None:
+        """Write the lesion's segment on the scan; a new segment of a lymph node is marked as one too."""
         node = segments.timepointSegmentationNode(volumeNode)
         if node is None:
             node = segments.timepointSegmentationNode(volumeNode, create=True)
             step.createdNodeIDs.append(node.GetID())
         segments.syncTransform(node, volumeNode)
         step.snapshots.append(segments.snapshotLesion(node, lesionId))
-        segments.writeLesionMask(node, volumeNode, lesionId, mask, status)
+        isLymphNode = lesionId in self.lymphNodeIds()
+        segmentId = segments.writeLesionMask(node, volumeNode, lesionId, mask, status)
+        if isLymphNode:
+            segments.setLymphNode(node.GetSegmentation().GetSegment(segmentId), True)
 
     def _pushUndo(self, step: UndoStep) -> None:
         self._undoSteps = (self._undoSteps + [step])[-UNDO_DEPTH:]
@@ -573,10 +652,35 @@ def promptFromInputs(image: ImageVolume, pointRAS=None, boxRAS=None, markupsNode
     return promptFromMarkups(image, markupsNode)
 
 
+def lesionSegmentAt(volumeNode, lesionId: int) -> tuple[Any, str | None]:
+    """(the scan's LesionLocator segmentation or None, the lesion's segment id there or None)."""
+    node = segments.timepointSegmentationNode(volumeNode)
+    return node, segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
+
+
+def checkScan(volumeNode, scene) -> None:
+    """A scan that a lesion can be stated about: a volume node with voxels in this scene."""
+    if not isinstance(volumeNode, slicer.vtkMRMLScalarVolumeNode) or not scene.IsNodePresent(volumeNode):
+        raise LesionLocatorError(f"Give a scan of this scene as a volume node (e.g. slicer.util.getNode('CT "
+                                 f"follow-up')); got {volumeNode!r}.")
+    if volumeNode.GetImageData() is None:
+        raise LesionLocatorError(f"Volume '{volumeNode.GetName()}' has no voxels. Load an image first.")
+
+
+def firstTimepoints(masks: dict[int, list], absent: dict[int, list[int]]) -> dict[int, int]:
+    """Each lesion's first scan where it was analysed and not confirmed absent (the report's default skips only
+    scans never analysed): a lesion confirmed absent on the scans before it appears is a new lesion (RECIST)."""
+    first = {}
+    for lesionId, lesionMasks in masks.items():
+        seen = [t for t, mask in enumerate(lesionMasks) if mask is not None and t not in absent[lesionId]]
+        if seen:
+            first[lesionId] = seen[0]
+    return first
+
+
 def lesionCell(volumeNode, lesionId: int) -> LesionCell:
     cell = LesionCell(volumeNode.GetID())
-    node = segments.timepointSegmentationNode(volumeNode)
-    segmentId = segments.lesionSegmentIds(node).get(lesionId) if node is not None else None
+    node, segmentId = lesionSegmentAt(volumeNode, lesionId)
     if segmentId is None:
         return cell
     voxels = segments.segmentVoxels(node, segmentId, volumeNode)

@@ -20,8 +20,10 @@ VOLUME_ATTRIBUTE = "LesionLocator.Volume"  # on a diameter line: the scan it was
 TABLE_NAME = "LesionLocator measurements"
 VOLUMES_TABLE_NAME = "LesionLocator volumes over time"
 CHART_NAME = "LesionLocator volume over time"
-NUMBER_COLUMNS = (("Volume (ml)", "volume_ml"), ("Long axis (mm)", "long_axis_mm"), ("Short axis (mm)", "short_axis_mm"),
-                  ("Max 3D diameter (mm)", "max_diameter_3d_mm"), ("Mean intensity", "intensity_mean"))
+NUMBER_COLUMNS = (("Volume (ml)", "volume_ml"), ("RECIST diameter (mm)", "recist_diameter_mm"),
+                  ("Long axis (mm)", "long_axis_mm"), ("Short axis (mm)", "short_axis_mm"),
+                  ("Largest short axis (mm)", "largest_short_axis_mm"), ("Max 3D diameter (mm)", "max_diameter_3d_mm"),
+                  ("Mean intensity", "intensity_mean"))
 
 
 def removeMeasurementNodes(scene) -> None:
@@ -48,14 +50,17 @@ def _column(table: vtk.vtkTable, name: str, arrayClass, values=()):
 
 
 def measurementsTableNode(scene, report, volumeNodes: list):
-    """One row per lesion and scan: status and the numbers of LesionLocatorLib.measurements."""
+    """One row per lesion and scan: kind, status and the numbers of LesionLocatorLib.measurements, with the RECIST
+    diameter (a lymph node's largest short axis; 0 where confirmed absent)."""
     tableNode = _addNode(scene, "vtkMRMLTableNode", TABLE_NAME, "table")
     table = tableNode.GetTable()
-    lesions, scans, statuses = (_column(table, name, vtk.vtkStringArray) for name in ("Lesion", "Scan", "Status"))
+    lesions, kinds, scans, statuses = (_column(table, name, vtk.vtkStringArray)
+                                       for name in ("Lesion", "Kind", "Scan", "Status"))
     numbers = [(_column(table, title, vtk.vtkDoubleArray), field) for title, field in NUMBER_COLUMNS]
     for series in report.series:
         for index, volumeNode in enumerate(volumeNodes):
             lesions.InsertNextValue(series.name)
+            kinds.InsertNextValue("lymph node" if series.is_lymph_node else "non-nodal lesion")
             scans.InsertNextValue(volumeNode.GetName())
             statuses.InsertNextValue(series.status(index))
             for array, field in numbers:
@@ -65,8 +70,14 @@ def measurementsTableNode(scene, report, volumeNodes: list):
 
 
 def _number(series, index: int, field: str) -> float:
-    """NaN (a gap) where there is no value: an empty segmentation is 0 ml only when the lesion is confirmed absent."""
-    value = series.volume_ml(index) if field == "volume_ml" else getattr(series.measurements[index], field, None)
+    """NaN (a gap) where there is no value: an empty segmentation is 0 ml and 0 mm only when the lesion is confirmed
+    absent."""
+    if field == "volume_ml":
+        value = series.volume_ml(index)
+    elif field == "recist_diameter_mm":
+        value = series.diameter_mm(index)
+    else:
+        value = getattr(series.measurements[index], field, None)
     return np.nan if value is None else float(value)
 
 
@@ -110,18 +121,26 @@ def _styleAsScatterWithLines(plotSeries) -> None:
 
 
 def diameterLineNodes(scene, report, volumeNodes: list, colours: dict[int, tuple]) -> list:
-    """The RECIST long and short axes as markups lines in world RAS, one pair per lesion and scan where found."""
+    """The RECIST long and short axes as markups lines in world RAS, one pair per lesion and scan where found; a
+    lymph node's largest short axis (its RECIST diameter) too when it lies on another slice."""
     lines = []
     for series in report.series:
         colour = colours.get(series.lesion_id, segments.lesionColour(series.lesion_id))
         for volumeNode, measurement in zip(volumeNodes, series.measurements):
             if measurement is None or not measurement.found:
                 continue
-            for axis, segmentLPS in (("long axis", measurement.long_axis_lps), ("short axis", measurement.short_axis_lps)):
-                if segmentLPS is not None:
-                    name = f"{series.name} {axis} ({volumeNode.GetName()})"
-                    lines.append(_lineNode(scene, name, segmentLPS, colour, volumeNode))
+            for axis, segmentLPS in _axes(measurement, series.is_lymph_node):
+                name = f"{series.name} {axis} ({volumeNode.GetName()})"
+                lines.append(_lineNode(scene, name, segmentLPS, colour, volumeNode))
     return lines
+
+
+def _axes(measurement, isLymphNode: bool) -> list[tuple[str, tuple]]:
+    axes = [("long axis", measurement.long_axis_lps), ("short axis", measurement.short_axis_lps)]
+    largest = measurement.largest_short_axis_lps
+    if isLymphNode and largest is not None and largest != measurement.short_axis_lps:
+        axes.append(("largest short axis", largest))
+    return [(axis, segmentLPS) for axis, segmentLPS in axes if segmentLPS is not None]
 
 
 def _lineNode(scene, name: str, segmentLPS, colour: tuple, volumeNode):

@@ -1,10 +1,12 @@
 """Lesion segments in MRML: one segmentation node per timepoint volume, one segment per lesion.
 
 A lesion is identified by the segment tag LESION_ID_TAG (saved in .seg.nrrd), never by its name or segment id,
-so user segments in the same node are left alone and renamed lesions keep their links. Masks are written through
-an image whose extent is the mask's bounding box, so only the changed region is touched. They are read back on the
-volume's grid through both nodes' transforms to world, so a segment stays where the user sees it whatever grid it is
-stored on and whichever of the two nodes a transform was hardened on.
+so user segments in the same node are left alone and renamed lesions keep their links. What the reader states is
+stored the same way: LYMPH_NODE_TAG on a lesion's segments (a lymph node, at every timepoint), the status ABSENT on
+its empty segment of one scan (confirmed gone there). Masks are written through an image whose extent is the mask's
+bounding box, so only the changed region is touched. They are read back on the volume's grid through both nodes'
+transforms to world, so a segment stays where the user sees it whatever grid it is stored on and whichever of the
+two nodes a transform was hardened on.
 """
 from __future__ import annotations
 
@@ -21,14 +23,18 @@ from .geometry import arrayFromVTKMatrix, ijkToRASMatrix, vtkMatrixFromArray
 LESION_ID_TAG = "LesionLocator.LesionId"
 STATUS_TAG = "LesionLocator.Status"
 FINGERPRINT_TAG = "LesionLocator.Fingerprint"
+LYMPH_NODE_TAG = "LesionLocator.LymphNode"  # "1" on every segment of a lesion marked as a lymph node
 EMPTY_FINGERPRINT = "0"
 TIMEPOINT_ATTRIBUTE = "LesionLocator.TimepointSegmentation"
 VOLUME_REFERENCE_ROLE = "lesionLocatorVolume"
 
 PROMPTED, TRACKED, NOT_FOUND, EDITED = "prompted", "tracked", "not found", "edited"
-PINNED_STATUSES = (PROMPTED, EDITED)  # set by the user: tracking does not overwrite them
+ABSENT = "absent"  # an empty segment the user confirmed: the lesion is gone on that scan (the report's word)
+PINNED_STATUSES = (PROMPTED, EDITED, ABSENT)  # set by the user: tracking does not overwrite them
+USER_VOXEL_STATUSES = (PROMPTED, EDITED)  # voxels the user made (a prompt's answer, or painted)
 # the tags that undo restores (vtkSegment cannot list its tags from Python)
-SNAPSHOT_TAGS = (LESION_ID_TAG, STATUS_TAG, FINGERPRINT_TAG, slicer.vtkSegment.GetTerminologyEntryTagName())
+SNAPSHOT_TAGS = (LESION_ID_TAG, STATUS_TAG, FINGERPRINT_TAG, LYMPH_NODE_TAG,
+                 slicer.vtkSegment.GetTerminologyEntryTagName())
 
 # SCT "Morphologically altered structure" / "Mass" in Slicer's serialized terminology format
 LESION_TERMINOLOGY = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
@@ -178,6 +184,17 @@ def addLesionSegment(segmentationNode, lesionId: int) -> str:
     segment.SetTag(LESION_ID_TAG, str(lesionId))
     segment.SetTerminology(LESION_TERMINOLOGY)
     return segmentId
+
+
+def isLymphNode(segment) -> bool:
+    return segmentTag(segment, LYMPH_NODE_TAG) == "1"
+
+
+def setLymphNode(segment, isNode: bool) -> None:
+    if isNode:
+        segment.SetTag(LYMPH_NODE_TAG, "1")
+    else:
+        segment.RemoveTag(LYMPH_NODE_TAG)
 
 
 def writeLesionMask(segmentationNode, volumeNode, lesionId: int, maskZYX: np.ndarray | None, status: str) -> str:
@@ -341,6 +358,13 @@ def lesionStatus(segment, voxels: SegmentVoxels) -> str:
     return status if segmentTag(segment, FINGERPRINT_TAG) in voxels.fingerprints else EDITED
 
 
+def isConfirmedAbsent(segment, maskZYX: np.ndarray) -> bool:
+    """What lesionStatus says of the segment, from its mask on the volume grid: ABSENT only while it is empty (voxels
+    painted into it make it EDITED)."""
+    return (not np.any(maskZYX) and segmentTag(segment, STATUS_TAG) == ABSENT
+            and segmentTag(segment, FINGERPRINT_TAG) == EMPTY_FINGERPRINT)
+
+
 # --- undo ------------------------------------------------------------------------------------------------------------
 @dataclass
 class SegmentSnapshot:
@@ -382,8 +406,11 @@ def restoreLesion(scene, snapshot: SegmentSnapshot) -> None:
     if currentId is None:
         currentId = segmentation.AddEmptySegment(snapshot.segmentId, snapshot.name, snapshot.colour)
     segment = segmentation.GetSegment(currentId)
-    for name, value in snapshot.tags.items():
-        segment.SetTag(name, value)
+    for name in SNAPSHOT_TAGS:  # a tag added since the snapshot goes too (a lymph node marker)
+        if name in snapshot.tags:
+            segment.SetTag(name, snapshot.tags[name])
+        else:
+            segment.RemoveTag(name)
     labelmap = slicer.vtkOrientedImageData()
     labelmap.DeepCopy(snapshot.labelmap)
     _moveLabelmap(labelmap, None, segmentationNode.GetParentTransformNode())

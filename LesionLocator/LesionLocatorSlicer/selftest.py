@@ -46,8 +46,8 @@ def addSyntheticTimepoints(scene, count: int = 3) -> tuple[list, np.ndarray]:
 
 
 def sceneState(scene) -> list:
-    """Every data node with, for our segmentations, every lesion segment's status and voxels (to compare scenes).
-    The subject hierarchy node is left out: Slicer always has it, a bare scene gets it on first use."""
+    """Every data node with, for our segmentations, every lesion segment's status, lymph node marker and voxels (to
+    compare scenes). The subject hierarchy node is left out: Slicer always has it, a bare scene gets it on first use."""
     state = []
     for index in range(scene.GetNumberOfNodes()):
         node = scene.GetNthNode(index)
@@ -59,7 +59,7 @@ def sceneState(scene) -> list:
                 segment = node.GetSegmentation().GetSegment(segmentId)
                 voxels = segments.segmentVoxels(node, segmentId, node.GetNodeReference(segments.VOLUME_REFERENCE_ROLE))
                 status = segments.segmentTag(segment, segments.STATUS_TAG)
-                lesions.append((lesionId, status, sorted(voxels.fingerprints)))
+                lesions.append((lesionId, status, segments.isLymphNode(segment), sorted(voxels.fingerprints)))
         state.append((node.GetID(), lesions))
     return state
 
