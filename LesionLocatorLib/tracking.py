@@ -3,8 +3,14 @@
 Per (earlier, later) scan pair: both scans are preprocessed with the Track plans, z-aligned when their slice counts
 differ a lot, registered ONCE (per fold and mirror when ensembling), and every lesion mask of the earlier scan is
 warped with that one deformation; a U-Net patch around each warped mask's centre of mass then segments the lesion
-in the later scan. A lesion whose warped mask or prediction is empty is reported as not found (the official code
-guesses a random location instead). All arrays are (z, y, x).
+in the later scan. A lesion whose warped mask or prediction is empty, or (exact mode) that vanishes on the Track
+grid, is reported as not found with the reason (the official code guesses a random location instead). All arrays
+are (z, y, x).
+
+Exact mode registers arrays (the registration network knows no geometry), so the later scan is first stored along
+the earlier one's axes (oriented_like): losslessly for an axis permutation or flip, by resampling for an oblique
+rotation; its masks are mapped back onto its own grid. Roi mode needs a geometry-aware registration on the original
+scans: the network is refused there.
 
 In roi mode, when the model's manifest holds a box refinement (box_refinement.py) and its track task uses the box
 network, the U-Net's answer is refined as a box prompt's is, in the bounding box of the U-Net's own mask grown by
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import SimpleITK as sitk
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from scipy import ndimage
 
@@ -44,12 +51,21 @@ from .registration.zalign import z_alignment_windows
 from .segmentation import PRESETS, Segmenter, check_preset, choose_folds, prompt_window
 
 Progress = Callable[[float, str], None]
+MaskOnGrid = Callable[[np.ndarray], np.ndarray]
+NOT_FOUND_MOVED_OUT = "not found: the registration moved the lesion out of the scan"
+NOT_FOUND_TOO_SMALL = ("not found: the lesion vanished when resampled to the tracking model's spacing (too small to "
+                       "track); place a point on it here to re-prompt")
 # Logit difference outside the U-Net patch: the official tracker fills (background 1, foreground 0) there.
 OUTSIDE_FG_MINUS_BG = -1.0
 TRACKING_MODES = ("auto", "exact", "roi")
 WINDOW_MARGIN_VOXELS = 3  # context around a window on the preprocessed grid (linear interpolation needs 1)
 MAX_CACHED_SCANS = 8  # preprocessed scans (a patient's timepoints)
-MAX_CACHED_REGISTRATIONS = 32  # scan pairs x folds x mirrors
+# Deformations kept, rounded to whole scan pairs (folds x mirrors each) and never below one pair: a GradICON field is
+# 64 MB (on the device), so the 40 passes of a 5-fold 'accurate' ensemble keep one pair, 'fast' up to 32 pairs.
+MAX_CACHED_REGISTRATIONS = 32
+# Directions this close (degrees, per axis) to an axis permutation and flip of the earlier scan's count as aligned:
+# the rest is left to the registration, like a patient's own motion; beyond it the later scan is resampled.
+ALIGNED_AXES_TOLERANCE_DEG = 1.0
 # The box a follow-up's answer is refined in: its mask's bounding box grown by this many voxels of the scan on every
 # side (the refinement was fitted on boxes jittered by up to 2 voxels around the lesion).
 TRACK_BOX_MARGIN_VOXELS = 1
@@ -153,6 +169,54 @@ def flipped_volume(volume: ImageVolume, axes_zyx: tuple[int, ...]) -> ImageVolum
                        tuple(volume.index_zyx_to_lps(last_zyx)), direction)
 
 
+def oriented_like(volume: ImageVolume, direction_lps: np.ndarray) -> tuple[ImageVolume, MaskOnGrid]:
+    """`volume` stored along the axes of `direction_lps`, every voxel at its physical place, and the function that
+    maps a mask on it back onto `volume`'s grid. An axis permutation or flip is undone losslessly (a transposed and
+    flipped view); other rotations are resampled (see resampled_along). Same axes: `volume` itself."""
+    cosines = volume.direction_lps.T @ np.asarray(direction_lps)  # [i, j]: volume axis i . wanted axis j (x, y, z)
+    source_xyz = np.abs(cosines).argmax(axis=0)
+    matched = cosines[source_xyz, [0, 1, 2]]
+    off_deg = np.degrees(np.arccos(np.clip(np.abs(matched), 0.0, 1.0)))
+    if len(set(source_xyz.tolist())) < 3 or off_deg.max() > ALIGNED_AXES_TOLERANCE_DEG:
+        return resampled_along(volume, direction_lps, source_xyz)
+    axes_zyx = tuple(2 - int(source_xyz[2 - axis]) for axis in range(3))  # array axis a <- volume's array axis
+    flips_zyx = tuple(2 - j for j in range(3) if matched[j] < 0)
+    if axes_zyx == (0, 1, 2) and not flips_zyx:
+        return volume, lambda mask: mask
+    transposed = ImageVolume(np.transpose(volume.array, axes_zyx), np.asarray(volume.spacing_xyz)[source_xyz],
+                             volume.origin_lps, volume.direction_lps[:, source_xyz], volume.name)
+    inverse = tuple(np.argsort(axes_zyx).tolist())
+    return flipped_volume(transposed, flips_zyx), lambda mask: np.transpose(np.flip(mask, flips_zyx), inverse)
+
+
+def resampled_along(volume: ImageVolume, direction_lps: np.ndarray,
+                    source_xyz: np.ndarray) -> tuple[ImageVolume, MaskOnGrid]:
+    """`volume` resampled (linear, outside = its minimum) onto a grid along the axes of `direction_lps` that covers
+    its whole field of view, axis j with the spacing of its axis `source_xyz[j]`; masks go back by nearest neighbour."""
+    corners_zyx = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in volume.shape_zyx])))
+    along = volume.index_zyx_to_lps(corners_zyx) @ np.asarray(direction_lps)  # corners on the wanted axes (x, y, z)
+    spacing_xyz = np.asarray(volume.spacing_xyz)[source_xyz]
+    size_xyz = np.maximum(np.ceil((along.max(axis=0) - along.min(axis=0)) / spacing_xyz - 1e-6), 1).astype(int)
+    grid = ImageVolume(np.broadcast_to(np.zeros((), np.uint8), tuple(size_xyz[::-1])), spacing_xyz,
+                       np.asarray(direction_lps) @ (along.min(axis=0) + spacing_xyz / 2), direction_lps, volume.name)
+    array = resampled_onto(volume.to_sitk(), grid, sitk.sitkLinear, float(volume.array.min()), sitk.sitkFloat32)
+    return (grid.with_array(array),
+            lambda mask: resampled_onto(grid.to_sitk(np.asarray(mask, np.uint8)), volume, sitk.sitkNearestNeighbor,
+                                        0.0, sitk.sitkUInt8))
+
+
+def resampled_onto(image: sitk.Image, grid: ImageVolume, interpolator: int, outside: float, pixel_type: int) -> np.ndarray:
+    """`image` sampled at the voxels of `grid` (physical space), as a (z, y, x) array."""
+    return sitk.GetArrayFromImage(sitk.Resample(image, list(grid.shape_zyx[::-1]), sitk.Transform(), interpolator,
+                                                grid.origin_lps, grid.spacing_xyz,
+                                                grid.direction_lps.flatten().tolist(), outside, pixel_type))
+
+
+def progress_part(progress: Progress, part: int, parts: int) -> Progress:
+    """The `part`-th of `parts` equal shares of a progress range, so that successive parts never go backwards."""
+    return lambda fraction, stage: progress((part + fraction) / parts, stage)
+
+
 class BoundedCache(OrderedDict):
     """Least-recently-used cache: a long Slicer session must not keep every scan and registration alive."""
 
@@ -217,6 +281,10 @@ class Tracker:
         if official_list_prompts and self.mode != "exact":
             raise LesionLocatorError("official_list_prompts reproduces the official pipeline: use mode='exact' "
                                      "(a model with a registration network).")
+        if self.mode == "roi" and registrations[0].name == "gradicon":
+            raise LesionLocatorError("The registration network (gradicon) registers scans preprocessed with the Track "
+                                     "plans, as mode='exact' does: use mode='exact' (or 'auto') with it, or "
+                                     "registration='classical' for mode='roi'.")
         self.official_list_prompts = official_list_prompts
         settings = PredictionSettings(self.device, use_tta=self.use_tta and self.mode == "roi", mirror_axes=(0, 1, 2),
                                       cpu_bf16=cpu_bf16)
@@ -228,7 +296,8 @@ class Tracker:
                                                 point_extent=point_extent, box_fine_grid=box_fine_grid)
         self.box_refiner = self._track_refiner() if box_refinement and self.mode == "roi" else None
         self._scans = BoundedCache(MAX_CACHED_SCANS)
-        self._deformations = BoundedCache(MAX_CACHED_REGISTRATIONS)
+        passes = len(self.folds) * len(self.mirror_combinations)  # registrations per scan pair
+        self._deformations = BoundedCache(passes * max(1, MAX_CACHED_REGISTRATIONS // passes))
         self.registrations_computed = 0
 
     @classmethod
@@ -297,11 +366,14 @@ class Tracker:
         if self.mode == "roi":
             return self._track_step_roi(earlier, later, masks, report, cancel_event, timepoint)
         report(0.0, "preprocessing")
-        scan0, scan1 = self.scan(earlier), self.scan(later)
+        # the network registers arrays, not physical space: the later scan is stored along the earlier one's axes
+        aligned, to_later_grid = oriented_like(later, earlier.direction_lps)
+        scan0, scan1 = self.scan(earlier), self.scan(aligned)
         check_cancel(cancel_event)
         prompts_pre = self._masks_in_preprocessed_space(
             {k: m for k, m in masks.items() if k not in outside_labelled}, scan0)
         prompts_pre.update(self._official_list_prompts({k: m for k, m in masks.items() if k in outside_labelled}, scan0))
+        too_small = {k for k, prompt in prompts_pre.items() if not np.any(prompt > 0)}
         windows = z_alignment_windows(scan0.pre.data[0], scan1.pre.data[0])
         window_shape = scan1.pre.data[0, windows[1]].shape
         sums = {lesion_id: np.zeros(window_shape, np.float32) for lesion_id in masks}
@@ -313,6 +385,8 @@ class Tracker:
             deformation = self.deformation(scan0, scan1, windows, fold, axes)
             fixed = np.flip(scan1.pre.data[:, windows[1]], tuple(a + 1 for a in axes)) if axes else scan1.pre.data[:, windows[1]]
             for lesion_id, prompt in prompts_pre.items():
+                if lesion_id in too_small:
+                    continue
                 check_cancel(cancel_event)
                 moving = np.flip(prompt[windows[0]], axes) if axes else prompt[windows[0]]
                 warped = deformation.warp_mask(moving > 0)
@@ -328,9 +402,9 @@ class Tracker:
         for lesion_id in masks:
             if counts[lesion_id] == 0:
                 results[lesion_id] = lesion_record(lesion_id, timepoint, later, None, "tracked",
-                                                   "not found: the registration moved the lesion out of the scan")
+                                                   NOT_FOUND_TOO_SMALL if lesion_id in too_small else NOT_FOUND_MOVED_OUT)
                 continue
-            mask = self._to_original(sums[lesion_id] / counts[lesion_id], scan1, windows[1])
+            mask = to_later_grid(self._to_original(sums[lesion_id] / counts[lesion_id], scan1, windows[1]))
             results[lesion_id] = lesion_record(lesion_id, timepoint, later, mask, "tracked",
                                                "" if np.any(mask) else "not found: the model saw no lesion where it moved to")
         report(1.0, "done")
@@ -352,8 +426,7 @@ class Tracker:
             report(0.5 + 0.5 * number / len(masks), f"lesion {lesion_id}")
             near, near_region = deformation.warp_mask_near(np.asarray(mask > 0, np.uint8))
             if not np.any(near):
-                results[lesion_id] = lesion_record(lesion_id, timepoint, later, None, "tracked",
-                                                   "not found: the registration moved the lesion out of the scan")
+                results[lesion_id] = lesion_record(lesion_id, timepoint, later, None, "tracked", NOT_FOUND_MOVED_OUT)
                 continue
             warped = np.zeros(later.shape_zyx, np.uint8)
             warped[near_region] = near
@@ -453,6 +526,7 @@ class Tracker:
             raise LesionLocatorError("Give at least one timepoint (the baseline).")
         report = progress or (lambda fraction, stage: None)
         steps = len(timepoints)
+        computed_before = self.registrations_computed
         lesions: dict[int, list[LesionAtTimepoint]] = {lesion_id: [] for lesion_id in prompts}
         from_instance_map = {k for k, p in prompts.items() if isinstance(p, MaskPrompt) and p.from_instance_map}
         for t, image in enumerate(timepoints):
@@ -463,12 +537,18 @@ class Tracker:
                 lesions.setdefault(lesion_id, [LesionAtTimepoint(lesion_id, earlier, False, source="new",
                                                                  message="first prompted at a later timepoint")
                                                for earlier in range(t)])
-            current = self._prompted(t, image, prompted, stage, cancel_event)
-            current.update(self._tracked(t, timepoints, lesions, set(prompted), from_instance_map, stage, cancel_event))
+            by_source, current = self._sources(t, image, lesions, set(prompted))
+            # the prompted lesions and each source share the timepoint's progress
+            parts = int(bool(prompted)) + len(by_source)
+            if prompted:
+                current.update(self._prompted(t, image, prompted, progress_part(stage, 0, parts), cancel_event))
+            for part, (source, masks) in enumerate(sorted(by_source.items()), start=parts - len(by_source)):
+                current.update(self._tracked_from(source, t, timepoints, masks, from_instance_map,
+                                                  progress_part(stage, part, parts), cancel_event))
             for lesion_id, record in current.items():
                 lesions[lesion_id].append(record)
         report(1.0, "done")
-        return TrackingResult(list(timepoints), lesions, self.registrations_computed)
+        return TrackingResult(list(timepoints), lesions, self.registrations_computed - computed_before)
 
     def _prompted(self, t: int, image: ImageVolume, prompts: dict[int, Prompt], stage, cancel_event) -> dict:
         if not prompts:
@@ -494,8 +574,10 @@ class Tracker:
         except PromptError as error:
             return None, str(error)
 
-    def _tracked(self, t: int, timepoints, lesions, prompted: set, from_instance_map: set, stage, cancel_event) -> dict:
-        """Lesions not prompted at t, tracked from the last timepoint where each was found."""
+    @staticmethod
+    def _sources(t: int, image: ImageVolume, lesions, prompted: set) -> tuple[dict[int, dict[int, np.ndarray]], dict]:
+        """The lesions not prompted at t by the last timepoint where each was found ({source: {id: mask}}), and the
+        records of those found at no earlier timepoint."""
         by_source: dict[int, dict[int, np.ndarray]] = {}
         records = {}
         for lesion_id, history in lesions.items():
@@ -503,13 +585,16 @@ class Tracker:
                 continue
             found = [r for r in history if r.found]
             if not found:
-                records[lesion_id] = lesion_record(lesion_id, t, timepoints[t], None, "tracked",
+                records[lesion_id] = lesion_record(lesion_id, t, image, None, "tracked",
                                                    "not found at any earlier timepoint; prompt it here")
                 continue
             by_source.setdefault(found[-1].timepoint, {})[lesion_id] = found[-1].mask
-        for source, masks in sorted(by_source.items()):
-            # the official tracker reads every lesion from its own file except those of a baseline instance map
-            list_path = frozenset(k for k in masks if source > 0 or k not in from_instance_map)
-            records.update(self.track_step(timepoints[source], timepoints[t], masks, stage, cancel_event, t,
-                                           list_path if self.official_list_prompts else frozenset()))
-        return records
+        return by_source, records
+
+    def _tracked_from(self, source: int, t: int, timepoints, masks: dict[int, np.ndarray], from_instance_map: set,
+                      stage, cancel_event) -> dict:
+        """The lesions found last at `source`, tracked to t."""
+        # the official tracker reads every lesion from its own file except those of a baseline instance map
+        list_path = frozenset(k for k in masks if source > 0 or k not in from_instance_map)
+        return self.track_step(timepoints[source], timepoints[t], masks, stage, cancel_event, t,
+                               list_path if self.official_list_prompts else frozenset())

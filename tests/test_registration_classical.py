@@ -1,7 +1,9 @@
 """Classical registration (SimpleITK affine + demons) on phantoms with a known transform, and on real MR."""
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -143,23 +145,49 @@ def test_real_longitudinal_mr_lesions_map_within_2mm():
     assert errors.mean() < 1.5 and errors.max() < 3.0
 
 
-def test_warp_near_equals_the_whole_grid_warp_inside_its_region():
-    """The tracker warps only around the lesion: same voxels as warping the whole scan."""
+def shifted_pair() -> tuple[ImageVolume, ImageVolume]:
+    """(moving, fixed): a body shifted 2 voxels along x, on a grid rotated 90 degrees about z."""
     rng = np.random.default_rng(3)
     z, y, x = np.ogrid[:40, :64, :64]
     body = (((y - 32) / 26.0) ** 2 + ((x - 32) / 28.0) ** 2 < 1).astype(np.int16)
     fixed_array = (body * 300 + rng.normal(0, 5, (40, 64, 64))).astype(np.int16)
     moving_array = np.roll(fixed_array, 2, axis=2)
     direction = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    fixed = ImageVolume(fixed_array, spacing_xyz=(1.5, 1.5, 3.0), direction_lps=direction)
-    moving = ImageVolume(moving_array, spacing_xyz=(1.5, 1.5, 3.0), direction_lps=direction)
-    deformation = ClassicalRegistration(deformable=False).register(moving, fixed)
-    mask = np.zeros(moving.shape_zyx, np.uint8)
+    return (ImageVolume(moving_array, spacing_xyz=(1.5, 1.5, 3.0), direction_lps=direction),
+            ImageVolume(fixed_array, spacing_xyz=(1.5, 1.5, 3.0), direction_lps=direction))
+
+
+def lesion_box(shape_zyx) -> np.ndarray:
+    mask = np.zeros(shape_zyx, np.uint8)
     mask[18:24, 28:36, 30:38] = 1
+    return mask
+
+
+def test_warp_near_equals_the_whole_grid_warp_inside_its_region():
+    """The tracker warps only around the lesion: same voxels as warping the whole scan."""
+    moving, fixed = shifted_pair()
+    deformation = ClassicalRegistration(deformable=False).register(moving, fixed)
+    mask = lesion_box(moving.shape_zyx)
     whole = deformation.warp_mask(mask)
     near, region = deformation.warp_mask_near(mask)
     assert whole.sum() > 0 and np.array_equal(near, whole[region]) and whole.sum() == near.sum()
     assert near.size < whole.size
+
+
+def test_a_deformation_keeps_the_grids_not_the_scans():
+    """The tracker caches deformations: they must not keep the scans' voxels (nor a scan-sized image) alive."""
+    moving, fixed = shifted_pair()
+    arrays = [weakref.ref(moving.array), weakref.ref(fixed.array)]
+    deformation = ClassicalRegistration(deformable=False).register(moving, fixed)
+    fixed_reference = fixed.to_sitk(np.zeros(fixed.shape_zyx, np.uint8))
+    del moving, fixed
+    gc.collect()
+    assert all(array() is None for array in arrays)
+    assert not any(isinstance(value, sitk.Image) for value in vars(deformation).values())
+    mask = lesion_box(deformation._moving_grid.shape_zyx)
+    moving_mask = deformation._moving_grid.to_sitk(mask)
+    expected = sitk.Resample(moving_mask, fixed_reference, deformation.transform, sitk.sitkNearestNeighbor, 0)
+    assert np.array_equal(deformation.warp_mask(mask), sitk.GetArrayFromImage(expected))
 
 
 def test_metric_samples_are_capped_per_pyramid_level():

@@ -121,6 +121,28 @@ def test_progress_names_the_scan_and_the_step(scene):
     assert reports == [(0.25, "registering 1/1 (t1, scan 1/2)"), (0.75, "registering 1/1 (t2, scan 2/2)")]
 
 
+class StagedTracker(RecordingTracker):
+    """Reports a whole step, from its start to done, as the engine does."""
+
+    def track_step(self, earlier, later, masks, progress=None, cancel_event=None):
+        progress(0.0, "registering")
+        found = super().track_step(earlier, later, masks, progress, cancel_event)
+        progress(1.0, "done")
+        return found
+
+
+def test_progress_never_goes_backwards_when_a_scan_is_tracked_from_two_sources(scene):
+    logic = logicWith(scene, StagedTracker(lost={2}))
+    scans = [addTimepoint(scene, name) for name in ("t0", "t1", "t2")]
+    applyMask(logic, scans[0], cube((2, 2, 2), (5, 5, 5)))
+    applyMask(logic, scans[0], cube((8, 8, 8), (10, 10, 10)))
+    request = logic.prepareTracking([1, 2], scans)
+    reports = []
+    logic.computeTracking(request, lambda fraction, stage: reports.append((fraction, stage)), threading.Event())
+    assert [fraction for fraction, _ in reports[-6:]] == [0.5, 0.625, 0.75, 0.75, 0.875, 1.0]  # t2: from t0, from t1
+    assert [fraction for fraction, _ in reports] == sorted(fraction for fraction, _ in reports)
+
+
 def test_tracking_needs_a_segmented_lesion_and_a_follow_up(scene):
     logic = logicWith(scene, RecordingTracker())
     scans = [addTimepoint(scene, name) for name in ("t0", "t1")]

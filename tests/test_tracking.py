@@ -1,18 +1,21 @@
-"""Tracker behaviour: shared registrations, not-found lesions, ids, re-prompts, chains, geometry, cancel."""
+"""Tracker behaviour: shared registrations, not-found lesions, ids, re-prompts, chains, geometry (scans stored along
+other axes), cancel, progress."""
 from __future__ import annotations
 
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from LesionLocatorLib.errors import Cancelled, LesionLocatorError
 from LesionLocatorLib.image import ImageVolume, read_image
 from LesionLocatorLib.preprocessing import nonzero_bounding_box
 from LesionLocatorLib.prompts import MaskPrompt, PointPrompt
 from LesionLocatorLib.registration.base import Deformation, Registration
-from LesionLocatorLib.tracking import Tracker, flipped_volume, preprocessed_volume
+from LesionLocatorLib.tracking import Tracker, flipped_volume, oriented_like, preprocessed_volume
 from golden import FIXTURES, require
 
 TINY = FIXTURES / "tiny"
@@ -225,3 +228,151 @@ def test_bf16_reaches_both_unets_and_changes_only_boundary_voxels(scans):
         results[bf16] = tracker.track_step(scans[0], scans[1], masks)[1].mask.astype(bool)
     overlap = 2 * np.sum(results[False] & results[True]) / (results[False].sum() + results[True].sum())
     assert results[False].any() and overlap > 0.95
+
+
+# --- scans stored along other axes (exact mode registers arrays) --------------------------------------------------
+def stored_along(volume: ImageVolume, axes_zyx: tuple[int, int, int], flips_zyx: tuple[int, ...]) -> ImageVolume:
+    """The same physical scan with its array axes transposed (new axis a = old axis axes_zyx[a]), then flipped."""
+    source_xyz = [2 - a for a in axes_zyx[::-1]]
+    transposed = ImageVolume(np.transpose(volume.array, axes_zyx), np.asarray(volume.spacing_xyz)[source_xyz],
+                             volume.origin_lps, volume.direction_lps[:, source_xyz])
+    return flipped_volume(transposed, flips_zyx)
+
+
+def nearest_onto(mask: np.ndarray, image: ImageVolume, grid: ImageVolume) -> np.ndarray:
+    """A mask on `image` resampled in physical space onto `grid` (exact where voxel centres coincide)."""
+    reference = grid.to_sitk(np.zeros(grid.shape_zyx, np.uint8))
+    return sitk.GetArrayFromImage(sitk.Resample(image.to_sitk(mask.astype(np.uint8)), reference, sitk.Transform(),
+                                                sitk.sitkNearestNeighbor, 0))
+
+
+@pytest.mark.parametrize("axes_zyx, flips_zyx", [((0, 1, 2), (2,)), ((1, 0, 2), (0, 2))])
+def test_a_follow_up_stored_along_other_axes_is_tracked_to_the_same_physical_place(scans, axes_zyx, flips_zyx):
+    """Exact mode registers arrays (GradICON; the counting stub stretches index to index): a follow-up stored
+    mirrored or permuted is reoriented losslessly first, so its answer is the same-storage answer, voxel for voxel."""
+    masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
+    same = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(),
+                   mode="exact").track_step(scans[0], scans[1], masks)[1]
+    other = stored_along(scans[1], axes_zyx, flips_zyx)
+    record = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(),
+                     mode="exact").track_step(scans[0], other, masks)[1]
+    assert same.found and record.mask.shape == other.shape_zyx
+    assert np.array_equal(record.mask, nearest_onto(same.mask, scans[1], other))
+    assert np.allclose(record.centre_lps, same.centre_lps, atol=1e-3)
+
+
+def test_a_follow_up_rotated_off_the_axes_is_resampled_along_the_earlier_scans_axes(scans):
+    """A 30 degree rotation is no axis permutation: the follow-up is resampled onto the earlier scan's axes (here the
+    earlier scan is that very resampling, so the stretching stub is exact) and the answer goes back by nearest
+    neighbour onto the follow-up's own grid, at the lesion's physical place."""
+    angle = np.radians(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    later = replace(scans[1], direction_lps=rotation @ scans[1].direction_lps)
+    earlier, to_later_grid = oriented_like(later, scans[1].direction_lps)
+    assert np.allclose(earlier.direction_lps, scans[1].direction_lps) and earlier.shape_zyx != later.shape_zyx
+    lesion_lps = later.index_zyx_to_lps((24, 33, 20))
+    masks = lesion_masks(earlier, {1: tuple(np.round(earlier.lps_to_index_zyx(lesion_lps)).astype(int))}, radius=4)
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode="exact")
+    on_earlier = tracker.track_step(earlier, earlier, masks)[1]
+    record = tracker.track_step(earlier, later, masks)[1]
+    assert record.found and np.array_equal(record.mask, to_later_grid(on_earlier.mask))
+    assert np.linalg.norm(np.asarray(record.centre_lps) - lesion_lps) < 6  # two voxels
+
+
+def test_reorientation_keeps_every_voxel_and_maps_masks_back(scans):
+    other = stored_along(scans[1], (2, 0, 1), (1,))
+    aligned, to_other_grid = oriented_like(other, scans[1].direction_lps)
+    assert aligned.same_grid(scans[1]) and np.array_equal(aligned.array, scans[1].array)
+    mask = lesion_masks(scans[1], {1: (24, 33, 20)})[1]
+    assert np.array_equal(to_other_grid(mask), nearest_onto(mask, scans[1], other))
+    same, identity = oriented_like(scans[1], scans[1].direction_lps)
+    assert same is scans[1] and identity(mask) is mask  # the golden path is untouched
+
+
+def test_gradicon_tracks_a_mirrored_follow_up_like_the_same_storage(scans):
+    """The tiny checkpoint's registration network (on a small grid): the follow-up stored with x mirrored gets the
+    same answer as stored as it is (before, the lesion was found at its mirror image, 70 mm away)."""
+    from LesionLocatorLib.checkpoint import load_checkpoint_folder
+    from LesionLocatorLib.registration.gradicon import GradICONRegistration
+
+    weights = load_checkpoint_folder(TINY / "LesionLocatorTrack", [0]).fold_weights[0]
+    registration = GradICONRegistration.from_track_state_dict(weights, input_shape=(65, 65, 65))
+    masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
+    records = [Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=registration, mode="exact")
+               .track_step(scans[0], followup, masks)[1] for followup in (scans[1], flipped_volume(scans[1], (2,)))]
+    assert records[0].found and np.array_equal(records[1].mask, np.flip(records[0].mask, 2))
+
+
+# --- refused combinations, caches, messages, progress, counts -----------------------------------------------------
+def test_roi_mode_refuses_the_registration_network():
+    require(TINY / "LesionLocatorTrack")
+    with pytest.raises(LesionLocatorError, match="mode='exact'"):
+        Tracker(TINY, device="cpu", folds=[0], mode="roi")
+
+
+@pytest.fixture
+def five_fold_root(tmp_path) -> Path:
+    """The tiny model with its Track fold 0 as five folds (the official checkpoint has five)."""
+    require(TINY / "LesionLocatorTrack")
+    root = tmp_path / "five"
+    (root / "LesionLocatorTrack").mkdir(parents=True)
+    (root / "LesionLocatorSeg").symlink_to(TINY / "LesionLocatorSeg")
+    for name in ("plans.json", "dataset.json"):
+        (root / "LesionLocatorTrack" / name).symlink_to(TINY / "LesionLocatorTrack" / name)
+    for fold in range(5):
+        (root / "LesionLocatorTrack" / f"fold_{fold}").mkdir()
+        (root / "LesionLocatorTrack" / f"fold_{fold}" / "checkpoint_final.pth").symlink_to(
+            TINY / "LesionLocatorTrack" / "fold_0" / "checkpoint_final.pth")
+    return root
+
+
+def test_every_registration_of_a_five_fold_mirrored_ensemble_is_kept_for_the_next_lesion(scans, five_fold_root):
+    """5 folds x 8 mirrors = 40 registrations per scan pair: tracking another lesion on that pair (Slicer tracks lesion
+    by lesion) registers nothing again."""
+    registration = CountingRegistration()
+    tracker = Tracker(five_fold_root, device="cpu", preset="accurate", registration=registration, mode="exact")
+    for fold in tracker.folds:  # only the registrations count here
+        fold.predictor.predict = lambda image, prompt, **options: (np.zeros((2, 1, 1, 1), np.float32), (slice(0, 1),) * 3)
+    for centre in ((24, 33, 20), (30, 40, 47), (24, 33, 20)):
+        tracker.track_step(scans[0], scans[1], lesion_masks(scans[0], {1: centre}))
+    assert registration.calls == 40
+
+
+def test_a_lesion_smaller_than_a_voxel_of_the_track_grid_says_so(scans):
+    """Exact mode: a one-slice lesion of a 1 mm-slice scan vanishes on the Track plans' 3 mm grid. Like a mask prompt
+    below one voxel in segmentation, it is refused with that reason (not 'moved out of the scan')."""
+    image = sitk.ReadImage(str(TRACK_INPUTS / "A_trk_bl.nii.gz"))
+    size = list(image.GetSize())
+    size[2] *= 3
+    fine = ImageVolume.from_sitk(sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear,
+                                               np.array(image.GetOrigin()) - [0, 0, 1.0], (3.0, 3.0, 1.0),
+                                               image.GetDirection(), -1024))
+    mask = np.zeros(fine.shape_zyx, np.uint8)
+    mask[71, 30:34, 20:24] = 1
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode="exact")
+    record = tracker.track_step(fine, fine, {1: mask})[1]
+    assert not record.found and "too small" in record.message and "point" in record.message
+
+
+def test_progress_never_goes_backwards_with_prompted_and_tracked_lesions_and_two_sources(scans):
+    """fu1: lesion 1 re-prompted with a point, lesion 2 with an empty mask (not found), lesion 3 tracked; fu2:
+    lesion 1 and 3 tracked from fu1, lesion 2 from the baseline."""
+    masks = lesion_masks(scans[0], {1: (24, 33, 20), 2: (30, 40, 47), 3: (15, 20, 30)}, radius=4)
+    reports = []
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode="exact")
+    result = tracker.track(scans, {k: MaskPrompt(m) for k, m in masks.items()},
+                           progress=lambda fraction, stage: reports.append((fraction, stage)),
+                           reprompts={1: {1: PointPrompt((24, 33, 21)), 2: MaskPrompt(np.zeros_like(masks[2]))}})
+    assert [r.found for r in result.lesions[2]] == [True, False, True]
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions), [pair for pair in zip(reports, reports[1:]) if pair[1][0] < pair[0][0]]
+    assert max(f for f, stage in reports if stage.startswith("timepoint 2/3")) <= 2 / 3
+
+
+def test_registrations_computed_counts_those_of_the_run(scans):
+    registration = CountingRegistration()
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=registration, mode="exact")
+    prompts = {1: MaskPrompt(lesion_masks(scans[0], {1: (24, 33, 20)})[1])}
+    counts = [tracker.track(pair, prompts).registrations_computed
+              for pair in (scans[:2], scans[:2], [scans[0], scans[2]])]
+    assert counts == [1, 0, 1] and registration.calls == 2

@@ -375,8 +375,9 @@ class LesionTrackingLogic:
         results: dict[tuple[int, str], Any] = {}
         steps = trackingTargetsInTimeOrder(request)
         for number, (targetID, lesionIds) in enumerate(steps):
-            report = _scaledProgress(progress, number, len(steps), request.images[targetID].name)
-            for sourceID, fromSource in groupBySource(request.timepointIDs, targetID, lesionIds, masks).items():
+            groups = groupBySource(request.timepointIDs, targetID, lesionIds, masks)
+            for part, (sourceID, fromSource) in enumerate(groups.items()):
+                report = _scaledProgress(progress, number, len(steps), request.images[targetID].name, part, len(groups))
                 found = tracker.track_step(request.images[sourceID], request.images[targetID],
                                            {lesionId: masks[(lesionId, sourceID)] for lesionId in fromSource},
                                            progress=report, cancel_event=cancelEvent)
@@ -758,9 +759,11 @@ def updateKnownMasks(masks: dict, targetID: str, found: dict) -> None:
             masks[(lesionId, targetID)] = record.mask
 
 
-def _scaledProgress(progress, number: int, count: int, targetName: str):
+def _scaledProgress(progress, number: int, count: int, targetName: str, part: int = 0, parts: int = 1):
+    """A tracking step's progress: scan `number` of `count` gets an equal share, split between the `parts` sources it
+    is tracked from, so that progress never goes backwards."""
     def report(fraction: float, stage: str) -> None:
-        progress((number + fraction) / count, f"{stage} ({targetName}, scan {number + 1}/{count})")
+        progress((number + (part + fraction) / parts) / count, f"{stage} ({targetName}, scan {number + 1}/{count})")
 
     return report
 

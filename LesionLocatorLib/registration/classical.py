@@ -7,6 +7,8 @@ differ between the scans.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -30,15 +32,13 @@ class TransformDeformation(Deformation):
 
     def __init__(self, transform: sitk.Transform, moving_grid: ImageVolume, fixed_grid: ImageVolume) -> None:
         self.transform = transform
-        self._moving_grid = moving_grid
-        self._fixed_grid = fixed_grid
-        self._fixed_reference = fixed_grid.to_sitk(np.zeros(fixed_grid.shape_zyx, dtype=np.uint8))
+        # the grids only: a cached deformation must not keep two whole scans alive
+        self._moving_grid = geometry_only(moving_grid)
+        self._fixed_grid = geometry_only(fixed_grid)
 
     def warp_mask(self, mask_on_moving: np.ndarray) -> np.ndarray:
         mask = check_mask_shape(mask_on_moving, self._moving_grid.shape_zyx)
-        moving_mask = self._moving_grid.to_sitk((mask > 0).astype(np.uint8))
-        warped = sitk.Resample(moving_mask, self._fixed_reference, self.transform, sitk.sitkNearestNeighbor, 0)
-        return sitk.GetArrayFromImage(warped)
+        return self._warped_onto(mask, np.zeros(3), self._fixed_grid.shape_zyx)
 
     def warp_mask_near(self, mask_on_moving: np.ndarray, margin_mm: float = NEAR_MARGIN_MM):
         """Warp onto the fixed-grid box around where the mask's bounding box maps (plus a margin for the
@@ -58,17 +58,22 @@ class TransformDeformation(Deformation):
         region = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
         if any(r.stop <= r.start for r in region):
             return np.zeros((0, 0, 0), np.uint8), (slice(0, 0),) * 3
-        reference = sitk.Image([int(r.stop - r.start) for r in region[::-1]], sitk.sitkUInt8)
-        reference.SetSpacing(self._fixed_grid.spacing_xyz)
-        reference.SetDirection(self._fixed_grid.direction_lps.flatten().tolist())
-        reference.SetOrigin(tuple(self._fixed_grid.index_zyx_to_lps(start)))
-        moving_mask = self._moving_grid.to_sitk((mask > 0).astype(np.uint8))
-        warped = sitk.GetArrayFromImage(sitk.Resample(moving_mask, reference, self.transform, sitk.sitkNearestNeighbor, 0))
+        warped = self._warped_onto(mask, start, stop - start)
         touches_border = any(np.any(np.take(warped, index, axis=axis)) for axis in range(3) for index in (0, -1)
                              if (index == 0 and start[axis] > 0) or (index == -1 and stop[axis] < shape[axis]))
         if touches_border:
             return super().warp_mask_near(mask_on_moving)
         return warped, region
+
+    def _warped_onto(self, mask: np.ndarray, start_zyx: np.ndarray, size_zyx) -> np.ndarray:
+        """The mask pulled onto the fixed-grid box of `size_zyx` voxels from index `start_zyx` (nearest
+        neighbour, uint8 0/1); the box's grid is built by SimpleITK, not held."""
+        grid = self._fixed_grid
+        moving_mask = self._moving_grid.to_sitk((mask > 0).astype(np.uint8))
+        warped = sitk.Resample(moving_mask, [int(n) for n in size_zyx[::-1]], self.transform, sitk.sitkNearestNeighbor,
+                               tuple(grid.index_zyx_to_lps(start_zyx)), grid.spacing_xyz,
+                               grid.direction_lps.flatten().tolist(), 0, sitk.sitkUInt8)
+        return sitk.GetArrayFromImage(warped)
 
     def fixed_points_to_moving(self, points_lps: np.ndarray) -> np.ndarray:
         """LPS points (n, 3) of the later scan -> the corresponding LPS points of the earlier scan."""
@@ -90,6 +95,11 @@ class TransformDeformation(Deformation):
             if np.linalg.norm(residuals, axis=1).max() < tol_mm:
                 break
         return guesses
+
+
+def geometry_only(volume: ImageVolume) -> ImageVolume:
+    """The volume's grid (shape, spacing, origin, direction) over a read-only zero-stride array: no voxels held."""
+    return replace(volume, array=np.broadcast_to(np.zeros((), np.uint8), volume.shape_zyx))
 
 
 def _affine_part(transform: sitk.Transform) -> sitk.AffineTransform:
