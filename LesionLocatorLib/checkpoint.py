@@ -20,6 +20,9 @@ from .errors import CheckpointError
 from .models.layout import MODEL_MANIFEST, TASK_FOLDERS
 ALLOWED_NETWORK_PREFIX = "dynamic_network_architectures.architectures."
 ALLOWED_IMPORT_PREFIXES = ("torch.nn.",)
+REQUIRED_CONFIGURATION_KEYS = ("spacing", "patch_size", "normalization_schemes", "use_mask_for_norm",
+                               "resampling_fn_data", "resampling_fn_seg", "resampling_fn_probabilities")
+CT_INTENSITY_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
 
 
 def _safe_checkpoint_globals() -> list:
@@ -86,8 +89,26 @@ def resolve_configuration(plans: dict, name: str) -> dict:
         raise CheckpointError(f"plans.json: {error}") from error
     except ValueError as error:  # a parent configuration that does not exist
         raise CheckpointError(f"plans.json: {error}") from error
+    except KeyError as error:  # nnU-Net reads an old plans format's keys to rebuild a missing 'architecture'
+        raise CheckpointError(f"plans.json: configuration '{name}' has no 'architecture' (nor the old format's "
+                              f"{error}); use the plans.json that was saved with the checkpoint.") from error
     configuration.pop("inherits_from", None)
     return configuration
+
+
+def check_configuration(folder: Path, plans: dict, name: str, configuration: dict) -> None:
+    """The plans entries inference reads, so that a malformed plans.json is refused at load, not mid-prediction
+    (CT normalization clips and scales with the training set's foreground statistics, kept in the plans)."""
+    missing = [key for key in REQUIRED_CONFIGURATION_KEYS if key not in configuration]
+    if "CTNormalization" in configuration.get("normalization_schemes", []):
+        properties = plans.get("foreground_intensity_properties_per_channel", {}).get("0", {})
+        absent = [key for key in CT_INTENSITY_KEYS if key not in properties]
+        if absent:
+            missing.append(f"foreground_intensity_properties_per_channel['0'] {', '.join(absent)} (CTNormalization "
+                           "needs them)")
+    if missing:
+        raise CheckpointError(f"{folder / 'plans.json'}: configuration '{name}' lacks {', '.join(missing)}; use the "
+                              "plans.json that was saved with the checkpoint.")
 
 
 @dataclass
@@ -170,6 +191,10 @@ def load_checkpoint_folder(folder: str | Path, folds: list[int] | tuple[int, ...
     dataset_json = _read_json(folder / "dataset.json")
     if "labels" not in dataset_json:
         raise CheckpointError(f"{folder / 'dataset.json'} has no 'labels' entry.")
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {"0": "CT"}))
+    if len(channels) != 1:  # the network sees one image channel and the prompt
+        raise CheckpointError(f"{folder / 'dataset.json'} lists {len(channels)} image channels {dict(channels)}; "
+                              "LesionLocator models take one image (e.g. CT) and the prompt. Use a one-channel model.")
     present = available_folds(folder)
     folds = list(present if folds is None else folds)
     if not folds:
@@ -183,12 +208,14 @@ def load_checkpoint_folder(folder: str | Path, folds: list[int] | tuple[int, ...
         checkpoints[fold] = load_checkpoint_file(folder / f"fold_{fold}" / "checkpoint_final.pth")
     first = checkpoints[folds[0]]
     configuration_name = (first.get("init_args") or {}).get("configuration", "3d_fullres")
+    configuration = resolve_configuration(plans, configuration_name)
+    check_configuration(folder, plans, configuration_name, configuration)
     return ModelFolder(
         path=folder,
         plans=plans,
         dataset_json=dataset_json,
         configuration_name=configuration_name,
-        configuration=resolve_configuration(plans, configuration_name),
+        configuration=configuration,
         trainer_name=str(first.get("trainer_name", "")),
         mirroring_axes=tuple(int(a) for a in (first.get("inference_allowed_mirroring_axes") or ())),
         fold_weights={fold: checkpoints[fold]["network_weights"] for fold in folds},

@@ -9,6 +9,7 @@ Conventions used everywhere in LesionLocatorLib:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -116,6 +117,24 @@ class ImageVolume:
 
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def without_nan(image: ImageVolume) -> ImageVolume:
+    """The image with NaN voxels (left by some registration or resampling tools) set to its minimum, with a warning.
+    nnU-Net has no answer for NaN: normalization and resampling spread it over the whole grid, and every mask
+    comes out empty."""
+    if image.array.dtype.kind != "f":
+        return image
+    nan = np.isnan(image.array)
+    if not nan.any():
+        return image
+    label = f"Image '{image.name}'" if image.name else "The image"
+    if nan.all():
+        raise LesionLocatorError(f"{label} holds only NaN voxels; check the tool that wrote it.")
+    minimum = np.nanmin(image.array)
+    warnings.warn(f"{label} has {int(nan.sum())} NaN voxel(s); they are treated as its minimum ({float(minimum):.4g}). "
+                  "Replace them before segmenting if another value is meant.", stacklevel=3)
+    return image.with_array(np.where(nan, minimum, image.array))
 
 
 def is_image_file(path: str | os.PathLike) -> bool:

@@ -64,6 +64,8 @@ class ExtentNetwork(nn.Module):
 def click_samples(image_zyx: np.ndarray, spacing_zyx, click_zyx, scales_mm, grid: int) -> np.ndarray:
     """(scales, grid, grid, grid) samples of the image (linear interpolation, edges repeated outwards) on cubes
     centred on the click, `scale` mm apart along each index axis (z, y, x)."""
+    if image_zyx.dtype == np.float16:  # scipy's map_coordinates does not support it (only API users pass it)
+        image_zyx = image_zyx.astype(np.float32)
     spacing = np.asarray(spacing_zyx, float)
     offsets = np.arange(grid) - (grid - 1) / 2.0
     cubes = []

@@ -15,7 +15,7 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
-from .errors import Cancelled, LesionLocatorError
+from .errors import Cancelled, CheckpointError, LesionLocatorError
 
 Region = tuple[slice, slice, slice]
 # Tiles per network pass when several prompts each fit one patch (the point search's cubes). Bundled box network,
@@ -94,13 +94,21 @@ class PredictionSettings:
 class PatchPredictor:
     """Evaluates one network architecture with the weights of one or more folds around a prompt."""
 
-    def __init__(self, network: torch.nn.Module, fold_weights: dict[int, dict], patch_size_zyx, settings: PredictionSettings):
+    def __init__(self, network: torch.nn.Module, fold_weights: dict[int, dict], patch_size_zyx,
+                 settings: PredictionSettings, source: str = "the model folder"):
+        """`source` names the weights' folder in the error for weights that do not fit `network`."""
         self.settings = settings
         self.patch_size = tuple(int(p) for p in patch_size_zyx)
         self.networks = []
-        for weights in fold_weights.values():
+        for fold, weights in fold_weights.items():
             net = network if not self.networks else copy.deepcopy(network)
-            net.load_state_dict(weights, strict=True)
+            try:
+                net.load_state_dict(weights, strict=True)
+            except RuntimeError as error:  # another model's weights, or other input channels or layers
+                detail = " ".join(str(error).split())[:400]
+                raise CheckpointError(
+                    f"The fold {fold} weights in {source} do not fit the network its plans.json and dataset.json "
+                    f"describe ({detail}). Keep plans.json, dataset.json and fold_N/ of one model together.") from error
             self.networks.append(net.to(settings.device).eval())
         self._gaussian = compute_gaussian(self.patch_size, sigma_scale=1.0 / 8, value_scaling_factor=10,
                                           dtype=torch.float32, device=torch.device("cpu")).numpy()
@@ -168,15 +176,18 @@ class PatchPredictor:
                                                       padded.shape[1:], self.patch_size)]
         prompt_min, prompt_max = inclusive_bbox(padded[-1] > 0)
         fits_one_patch = np.all(prompt_max - prompt_min + 1 <= self.patch_size)
-        if grid is not None and not fits_one_patch and padded.shape[1:] == image_czyx.shape[1:]:
-            offset = np.asarray(grid[0])
-            starts = [tuple(np.asarray(s) - offset) for s in tile_starts(
-                grid[1], self.patch_size, prompt_min + offset, prompt_max + offset, self.settings.step_size)]
-            if np.min(starts) < 0 or np.any(np.max(starts, axis=0) + self.patch_size > padded.shape[1:]):
-                raise LesionLocatorError("Internal error: the preprocessed window does not hold every tile.")
-            return padded, unpad, starts
-        return padded, unpad, tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max,
-                                          self.settings.step_size)
+        if grid is None or fits_one_patch:
+            return padded, unpad, tile_starts(padded.shape[1:], self.patch_size, prompt_min, prompt_max,
+                                              self.settings.step_size)
+        # the whole grid's tiles: nnU-Net pads it (centred) to at least a patch, then steps over the padded grid
+        grid_shape = np.asarray(grid[1])
+        whole_padded = np.maximum(grid_shape, self.patch_size)
+        shift = np.asarray(grid[0]) + (whole_padded - grid_shape) // 2 - [s.start for s in unpad[1:]]
+        starts = [tuple(np.asarray(s) - shift) for s in tile_starts(
+            whole_padded, self.patch_size, prompt_min + shift, prompt_max + shift, self.settings.step_size)]
+        if np.min(starts) < 0 or np.any(np.max(starts, axis=0) + self.patch_size > padded.shape[1:]):
+            raise LesionLocatorError("Internal error: the preprocessed window does not hold every tile.")
+        return padded, unpad, starts
 
     def _tile(self, padded: np.ndarray, start) -> np.ndarray:
         window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))

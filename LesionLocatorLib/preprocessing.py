@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
+from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
 from nnunetv2.preprocessing.normalization import default_normalization_schemes as norm_schemes
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, determine_do_sep_z_and_axis
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -166,6 +167,20 @@ class Preprocessor:
         """Channel-0 normalization of a (z, y, x) array; returns float32."""
         return self._normalizers[0].run(np.array(array_zyx, dtype=np.float32), None)
 
+    @property
+    def _masked_zscore(self) -> bool:
+        """z-score inside nnU-Net's non-zero mask (its usual MR setting): statistics inside, 0 outside."""
+        normalizer = self._normalizers[0]
+        return isinstance(normalizer, norm_schemes.ZScoreNormalization) and bool(normalizer.use_mask_for_norm)
+
+    def normalize_crop(self, cropped_zyx: np.ndarray) -> np.ndarray:
+        """The non-zero crop normalized as nnU-Net's preprocessor does it, with its mask (seg -1 outside the
+        hole-filled non-zero region) for a masked z-score."""
+        if not self._masked_zscore:
+            return self.normalize(cropped_zyx)
+        seg = np.where(create_nonzero_mask(cropped_zyx[None]), 0, -1)
+        return self._normalizers[0].run(np.array(cropped_zyx, dtype=np.float32), seg)
+
     def resampled_shape(self, shape_zyx, spacing_zyx) -> tuple[int, int, int]:
         return tuple(int(s) for s in compute_new_shape(shape_zyx, spacing_zyx, self.target_spacing_zyx))
 
@@ -173,7 +188,7 @@ class Preprocessor:
     def preprocess(self, image: ImageVolume) -> PreprocessedImage:
         """The official pipeline on the whole image: crop to non-zero, normalize, resample."""
         crop = nonzero_bounding_box(image.array)
-        normalized = self.normalize(image.array[crop])[None]
+        normalized = self.normalize_crop(image.array[crop])[None]
         spacing = image.spacing_zyx
         grid_shape = self.resampled_shape(normalized.shape[1:], spacing)
         data = self.configuration.resampling_fn_data(normalized, grid_shape, spacing, self.target_spacing_zyx)
@@ -232,8 +247,13 @@ class Preprocessor:
         crop = _context_crop(window, 1.0 / scale, nonzero_shape)
         absolute_crop = tuple(slice(n.start + c.start, n.start + c.stop) for n, c in zip(nonzero, crop))
         whole = image.array[nonzero]
-        normalized = self._normalize_values(image.array[absolute_crop], whole)
-        clip_lo, clip_hi = self._clip_ranges(whole, crop, interpolation)
+        if self._masked_zscore:  # 0 outside the filled mask is not a monotonic map of the raw values: whole crop
+            normalized_whole = self.normalize_crop(whole)
+            normalized = normalized_whole[crop]
+            clip_lo, clip_hi = self._clip_ranges(normalized_whole, crop, interpolation, normalized=True)
+        else:
+            normalized = self._normalize_values(image.array[absolute_crop], whole)
+            clip_lo, clip_hi = self._clip_ranges(whole, crop, interpolation)
         data = resample_window(normalized, [c.start for c in crop], nonzero_shape, grid_shape, window, interpolation,
                                clip_lo, clip_hi)
         return PreprocessedImage(data[None].astype(np.float32), nonzero, grid_shape, window, spacing,
@@ -245,15 +265,15 @@ class Preprocessor:
         if isinstance(normalizer, norm_schemes.RescaleTo01Normalization):
             raise CheckpointError("roi mode does not support RescaleTo01Normalization plans; use mode 'exact'.")
         if isinstance(normalizer, norm_schemes.ZScoreNormalization):
-            # z-score uses the statistics of the whole image, not of the window
-            statistics = whole[whole != 0] if normalizer.use_mask_for_norm else whole
-            mean, std = float(statistics.mean(dtype=np.float64)), float(statistics.std(dtype=np.float64))
+            # z-score uses the statistics of the whole image, not of the window (without a mask)
+            mean, std = float(whole.mean(dtype=np.float64)), float(whole.std(dtype=np.float64))
             return ((values.astype(np.float32) - mean) / max(std, 1e-8)).astype(np.float32)
         return self.normalize(values)
 
-    def _clip_ranges(self, whole: np.ndarray, crop: Region, interpolation: Interpolation):
+    def _clip_ranges(self, whole: np.ndarray, crop: Region, interpolation: Interpolation, normalized: bool = False):
         """skimage clips a spline's output to its input's range: the whole image's, or each whole 2D slice's when
-        the anisotropic axis is resampled separately. Normalization is monotonic: normalize the raw extremes."""
+        the anisotropic axis is resampled separately. Normalization is monotonic: normalize the raw extremes
+        (unless `whole` is `normalized` already)."""
         if interpolation.order <= 1:
             return None, None
         axis = interpolation.separate_axis
@@ -263,8 +283,9 @@ class Preprocessor:
             others = tuple(a for a in range(3) if a != axis)
             rows = whole[tuple(crop[axis] if a == axis else slice(None) for a in range(3))]  # a view, no copy
             extremes = np.stack([rows.min(axis=others), rows.max(axis=others)])
-        normalized = self._normalize_values(extremes.reshape(1, 2, -1), whole).reshape(extremes.shape)
-        return normalized[0], normalized[1]
+        if not normalized:
+            extremes = self._normalize_values(extremes.reshape(1, 2, -1), whole).reshape(extremes.shape)
+        return extremes[0], extremes[1]
 
     def resample_mask_window(self, mask_zyx: np.ndarray, pre: PreprocessedImage) -> np.ndarray:
         """A binary original-space mask on the window, as nnU-Net's segmentation resampling makes it: each label's

@@ -84,7 +84,7 @@ def _physical_to_index_zyx(image: ImageVolume, points, space: str) -> np.ndarray
 AXES_ZYX = ("z", "y", "x")
 
 
-def _plain(values) -> str:
+def plain_numbers(values) -> str:
     """Coordinates as a reader writes them, e.g. (5, 10.5, 3): not NumPy's reprs (np.float64(5.0))."""
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
@@ -95,19 +95,19 @@ def validate_prompt(prompt: Prompt, shape_zyx: tuple[int, int, int]) -> Prompt:
     if isinstance(prompt, PointPrompt):
         index = np.asarray(prompt.index_zyx, float)
         if index.shape != (3,) or not np.all(np.isfinite(index)):
-            raise PromptError(f"A point needs 3 finite coordinates (z, y, x); got {_plain(np.ravel(index))}.")
+            raise PromptError(f"A point needs 3 finite coordinates (z, y, x); got {plain_numbers(np.ravel(index))}.")
         if np.any(index < -0.5) or np.any(index > shape - 0.5):
             raise PromptError(
-                f"Point (z, y, x) = {_plain(index)} lies outside the image "
+                f"Point (z, y, x) = {plain_numbers(index)} lies outside the image "
                 f"(shape {tuple(shape_zyx)}). Place the point on the lesion inside the scan."
             )
         return prompt
     if isinstance(prompt, BoxPrompt):
         lo, hi = np.asarray(prompt.lo_zyx, float), np.asarray(prompt.hi_zyx, float)
         if lo.shape != (3,) or hi.shape != (3,) or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-            raise PromptError(f"A box needs 3 finite lower and 3 upper bounds (z, y, x); got {_plain(np.ravel(lo))}, "
-                              f"{_plain(np.ravel(hi))}.")
-        box = f"Box (z, y, x) {_plain(lo)}..{_plain(hi)}"
+            raise PromptError(f"A box needs 3 finite lower and 3 upper bounds (z, y, x); got {plain_numbers(np.ravel(lo))}, "
+                              f"{plain_numbers(np.ravel(hi))}.")
+        box = f"Box (z, y, x) {plain_numbers(lo)}..{plain_numbers(hi)}"
         if np.any(hi < lo):
             axes = ", ".join(a for a, inverted in zip(AXES_ZYX, hi < lo) if inverted)
             raise PromptError(f"{box} is inverted on {axes}: its lower bound is above its upper bound. "
@@ -245,7 +245,7 @@ def grid_difference(labels: ImageVolume, image: ImageVolume) -> str:
     checks = (("shape (z, y, x)", labels.shape_zyx, image.shape_zyx), ("spacing (x, y, z)", labels.spacing_xyz,
               image.spacing_xyz), ("origin (LPS)", labels.origin_lps, image.origin_lps),
               ("direction", labels.direction_lps.ravel(), image.direction_lps.ravel()))
-    return ", ".join(f"{name} {_plain(mine)} vs {_plain(theirs)}" for name, mine, theirs in checks
+    return ", ".join(f"{name} {plain_numbers(mine)} vs {plain_numbers(theirs)}" for name, mine, theirs in checks
                      if not np.allclose(mine, theirs, rtol=0, atol=1e-4)) or "geometry within rounding"
 
 

@@ -18,13 +18,15 @@ from .box_refinement import BoxRefiner
 from .checkpoint import ModelFolder, available_folds, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import Cancelled, CheckpointError, LesionLocatorError, PromptError
 from .fine_grid import FineGrid
-from .image import ImageVolume
+from .image import ImageVolume, without_nan
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, resolve_device
 from .point_search import OUTSIDE_LOGIT, Candidate, PointSearch, sigmoid
-from .preprocessing import PreprocessedImage, Preprocessor, Region, centred_region
+from .preprocessing import (
+    PreprocessedImage, Preprocessor, Region, centred_region, nonzero_bounding_box, region_shape,
+)
 from .prompts import (
-    BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, box_to_preprocessed, dense_box, dense_point, mask_statistics,
-    point_to_preprocessed, prompt_kind, validate_prompt,
+    BOX_MARGIN_VOXELS, BoxPrompt, PointPrompt, Prompt, plain_numbers, box_to_preprocessed, dense_box, dense_point,
+    mask_statistics, point_to_preprocessed, prompt_kind, validate_prompt,
 )
 
 Progress = Callable[[float, str], None]
@@ -52,7 +54,10 @@ def choose_folds(folder: Path, preset: str, folds) -> list[int]:
     if not present:
         raise CheckpointError(f"No fold_N/checkpoint_final.pth in {folder}.")
     if folds is not None:
-        return [int(f) for f in folds]
+        try:
+            return [int(f) for f in folds]
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"Folds are numbers; got {list(folds)} (available: {present}).") from error
     return present if PRESETS[preset]["all_folds"] else present[:1]
 
 
@@ -69,7 +74,8 @@ class SegmentationModel:
             raise CheckpointError(f"{model.path}: expected 2 labels (background, lesion), found {model.num_classes}.")
         self.model = model
         self.preprocessor = Preprocessor(model)
-        self.predictor = PatchPredictor(model.build_network(), model.fold_weights, model.patch_size_zyx, settings)
+        self.predictor = PatchPredictor(model.build_network(), model.fold_weights, model.patch_size_zyx, settings,
+                                        str(model.path))
 
     @property
     def patch_size_zyx(self) -> tuple[int, ...]:
@@ -163,8 +169,9 @@ class Segmenter:
     def segment(self, image: ImageVolume, prompts: dict[int, Prompt], progress: Progress | None = None,
                 cancel_event: threading.Event | None = None, return_probabilities: bool = False) -> SegmentationResult:
         """Segment every prompted lesion. A lesion whose prompt is unusable gets an entry in `errors`; the others
-        still run. Cancelling raises `Cancelled`."""
+        still run. NaN voxels count as the image's minimum (with a warning). Cancelling raises `Cancelled`."""
         result = SegmentationResult(probabilities={} if return_probabilities else None)
+        image = without_nan(image)
         whole_image_cache: dict[str, PreprocessedImage] = {}
         report = progress or (lambda fraction, stage: None)
         for number, (lesion_id, prompt) in enumerate(prompts.items()):
@@ -210,7 +217,10 @@ class Segmenter:
         is large enough; otherwise the candidate that the point search keeps (see point_search.py)."""
         box = self.extent_box(image, prompt)
         if box is not None:
-            return self._segment_one(image, box, cache, cancel_event)  # as a user's box
+            try:
+                return self._segment_one(image, box, cache, cancel_event)  # as a user's box
+            except PromptError as error:
+                raise click_in_zero_border(prompt) from error
         candidates = self.point_candidates(image, prompt, cache, cancel_event)
         kept = candidates[self.point_search.choose(image.array, image.spacing_zyx, candidates)]
         if isinstance(kept.prompt, BoxPrompt):
@@ -246,7 +256,11 @@ class Segmenter:
             union = tuple(slice(min(w[a].start for w in windows), max(w[a].stop for w in windows)) for a in range(3))
             shared = box_model.preprocessor.preprocess_window(image, union)
         candidates = [Candidate(prompt, *self._predict_one(image, prompt, cache, cancel_event))]
-        for box, (score, region) in zip(boxes, self._predict_many(image, boxes, cache, cancel_event, shared)):
+        try:
+            answers = self._predict_many(image, boxes, cache, cancel_event, shared)
+        except PromptError as error:
+            raise click_in_zero_border(prompt) from error
+        for box, (score, region) in zip(boxes, answers):
             candidates.append(Candidate(box, *self._refine_box(image, box, score, region, cancel_event,
                                                                self._cube_refiner)))
         return candidates
@@ -306,6 +320,11 @@ class Segmenter:
             return dense_point(np.clip(centre, 0, np.asarray(pre.shape_zyx) - 1), pre.shape_zyx)
         if isinstance(prompt, BoxPrompt):
             lo, hi = box_to_preprocessed(prompt.lo_zyx, prompt.hi_zyx, start, scale, grid)
+            if np.any(hi <= lo):  # the official code skips such a box ("Invalid bbox")
+                raise PromptError(
+                    f"Box (z, y, x) {plain_numbers(prompt.lo_zyx)}..{plain_numbers(prompt.hi_zyx)} lies wholly in the image's "
+                    "zero-valued border, which the model crops away (nnU-Net keeps only the non-zero region); "
+                    "draw it over image voxels that are not 0.")
             return dense_box(np.clip(lo - window, 0, pre.shape_zyx), np.clip(hi - window, 0, pre.shape_zyx), pre.shape_zyx)
         # mask: resampled with the image, then its bounding box (+1 voxel) or centroid, as the official code does
         resampled = self.resampled_mask(prompt.mask, pre, model)
@@ -313,8 +332,9 @@ class Segmenter:
         if not stats:
             raise PromptError("The mask prompt vanished when resampled to the model's spacing (too small); use a point.")
         box_lo, box_hi, centroid = stats[1]
-        if task == "point":
-            return dense_point(np.clip(np.round(centroid), 0, np.asarray(pre.shape_zyx) - 1).astype(int), pre.shape_zyx)
+        if task == "point":  # rounded on the whole grid, as the official code does (halves go to even)
+            centre = np.round(centroid + window) - window
+            return dense_point(np.clip(centre, 0, np.asarray(pre.shape_zyx) - 1).astype(int), pre.shape_zyx)
         return dense_box(np.maximum(box_lo - 1, 0), np.minimum(box_hi + 1, pre.shape_zyx), pre.shape_zyx)
 
     def resampled_mask(self, mask: np.ndarray, pre: PreprocessedImage, model: SegmentationModel) -> np.ndarray:
@@ -327,7 +347,8 @@ class Segmenter:
 
 def prompt_window(lo_zyx: np.ndarray, hi_zyx: np.ndarray, image: ImageVolume, patch_size_zyx,
                   target_spacing_zyx) -> Region:
-    """Original-voxel region that contains every patch a prompt spanning [lo, hi] can need, plus resampling context."""
+    """Original-voxel region that contains every patch a prompt spanning [lo, hi] can need, plus resampling context,
+    within the image's non-zero bounding box."""
     spacing = np.asarray(image.spacing_zyx)
     target = np.asarray(target_spacing_zyx)
     patch = np.asarray(patch_size_zyx)
@@ -340,7 +361,18 @@ def prompt_window(lo_zyx: np.ndarray, hi_zyx: np.ndarray, image: ImageVolume, pa
     # tiles outside it.
     sliding = np.any(extent > single_patch_extent_zyx(patch, target, spacing))
     half = (extent / 2 + patch_original if sliding else patch_original / 2) + margin
-    return centred_region((lo_zyx + hi_zyx) / 2, half, image.shape_zyx)
+    # inside the non-zero crop that nnU-Net resamples, not the image: a window reaching into a zero border would be
+    # cut there and zero-padded, where the whole grid holds image data
+    nonzero = nonzero_bounding_box(image.array)
+    start = np.asarray([s.start for s in nonzero])
+    local = centred_region((lo_zyx + hi_zyx) / 2 - start, half, region_shape(nonzero))
+    return tuple(slice(int(s.start + o), int(s.stop + o)) for s, o in zip(local, start))
+
+
+def click_in_zero_border(prompt: PointPrompt) -> PromptError:
+    """A box the point search made around a click lies wholly in the zero-valued border: so does the click."""
+    return PromptError(f"Point (z, y, x) = {plain_numbers(prompt.index_zyx)} lies in the image's zero-valued border, which "
+                       "the model crops away; click on image voxels that are not 0.")
 
 
 def single_patch_extent_zyx(patch_size_zyx, target_spacing_zyx, spacing_zyx) -> np.ndarray:

@@ -102,3 +102,52 @@ def test_saved_checkpoint_round_trips_through_the_safe_loader(tmp_path: Path):
     mine = load_checkpoint_folder(folder)
     assert mine.trainer_name == "MyTrainer"
     assert mine.build_network().load_state_dict(mine.fold_weights[2], strict=True)
+
+
+def _edited_point_folder(tmp_path: Path, name: str, edit) -> Path:
+    """A copy of the tiny model root whose point folder `edit(folder)` changes."""
+    root = tmp_path / name
+    shutil.copytree(require(TINY), root)
+    edit(root / "LesionLocatorSeg" / "point_optimized")
+    return root
+
+
+def _edit_json(path: Path, change) -> None:
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+def _track_weights(folder: Path) -> None:
+    shutil.copy(TINY / "LesionLocatorTrack" / "fold_0" / "checkpoint_final.pth", folder / "fold_0" / "checkpoint_final.pth")
+
+
+def _three_input_channels(folder: Path) -> None:
+    checkpoint = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    stem = "encoder.stem.convs.0.conv.weight"
+    checkpoint["network_weights"][stem] = torch.cat([checkpoint["network_weights"][stem]] * 2, 1)[:, :3]
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+
+
+@pytest.mark.filterwarnings("ignore:Detected old nnU-Net plans format")
+@pytest.mark.parametrize("edit, message", [
+    (_track_weights, "fold 0 weights in .*point_optimized do not fit .*Missing key"),
+    (_three_input_channels, "fold 0 weights in .*point_optimized do not fit .*size mismatch"),
+    (lambda f: _edit_json(f / "dataset.json", lambda d: d.update(channel_names={"0": "CT", "1": "PET"})),
+     "lists 2 image channels .*one-channel model"),
+    (lambda f: _edit_json(f / "plans.json", lambda p: p["configurations"]["3d_fullres"].pop("architecture")),
+     "no 'architecture'"),
+    (lambda f: _edit_json(f / "plans.json", lambda p: p["configurations"]["3d_fullres"].pop("spacing")),
+     "lacks spacing"),
+    (lambda f: _edit_json(f / "plans.json", lambda p: p.pop("foreground_intensity_properties_per_channel")),
+     "CTNormalization needs them"),
+])
+def test_mismatched_weights_and_malformed_plans_are_checkpoint_errors(tmp_path: Path, edit, message):
+    from LesionLocatorLib.segmentation import Segmenter
+
+    root = _edited_point_folder(tmp_path, "model", edit)
+    segmenter = Segmenter.from_folder(root, device="cpu", preset="fast")
+    with pytest.raises(CheckpointError, match=message):
+        segmenter.model_for("point")
+    with pytest.raises(CheckpointError, match="Folds are numbers"):
+        Segmenter.from_folder(root, device="cpu", folds=["all"]).model_for("box")

@@ -34,6 +34,8 @@ def test_samples_are_taken_in_mm_along_each_index_axis():
     assert samples[7 + 5, 7, 7] == pytest.approx(1.0)
     assert samples[7, 7, 7 + 4] == pytest.approx(2.0)
     assert samples[7, 7 + 4, 7] == pytest.approx(0.0)  # y is not x
+    half = click_samples(image.astype(np.float16), SPACING_ZYX, click, scales_mm=[1.0], grid=16)  # scipy lacks f16
+    assert np.array_equal(half, click_samples(image, SPACING_ZYX, click, scales_mm=[1.0], grid=16))
 
 
 def test_faces_round_trip_to_the_mask_bounding_box_on_an_anisotropic_grid():

@@ -361,3 +361,116 @@ def test_nonzero_bounding_box_matches_a_scan_of_every_voxel():
     single[3, 0, 10] = 5
     for array in (ct, padded, one_face, single, np.zeros((4, 5, 6))):
         assert nonzero_bounding_box(array) == scanned(array)
+
+
+@pytest.mark.parametrize("mode", ["roi", "exact"])
+def test_a_box_in_the_zero_valued_border_fails_alone(image, mode):
+    array = image.array.copy()
+    array[:10] = 0  # zero slices, cropped away by nnU-Net
+    prompts = {1: BoxPrompt((20, 30, 16), (29, 38, 25)), 2: BoxPrompt((2, 30, 16), (6, 38, 25))}
+    result = Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode).segment(
+        image.with_array(array), prompts)
+    assert sorted(result.masks) == [1] and result.masks[1].sum() > 50
+    assert "zero-valued border" in result.errors[2] and "not 0" in result.errors[2]
+
+
+def test_a_click_in_the_zero_valued_border_fails_alone_with_the_point_search():
+    """The bundled Lite model's point search: its cubes around such a click lie wholly in the border too."""
+    from LesionLocatorLib.models.registry import BUNDLED_LITE_DIR
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(-50, 10, (40, 64, 64))
+    array[15:25, 27:37, 27:37] += 130
+    array[:10] = 0
+    image = ImageVolume(array.astype(np.int16), (1.0, 1.0, 3.0))
+    segmenter = Segmenter.from_folder(BUNDLED_LITE_DIR, device="cpu", preset="fast", point_extent=False)
+    result = segmenter.segment(image, {1: PointPrompt((4, 32, 32)), 2: PointPrompt((20, 32, 32))})
+    assert sorted(result.masks) == [2] and result.masks[2].sum() > 50
+    assert "Point (z, y, x) = (4, 32, 32) lies in the image's zero-valued border" in result.errors[1]
+
+
+@pytest.mark.parametrize("mode", ["roi", "exact"])
+def test_nan_voxels_count_as_the_image_minimum_with_a_warning(image, mode):
+    segmenter = Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode)
+    clean = image.with_array(image.array.astype(np.float32))
+    array = clean.array.copy()
+    array[0, 0, 0] = np.nan  # far from the lesion; it used to empty every mask
+    prompts = {1: PointPrompt(LESION_1_ZYX)}
+    with pytest.warns(UserWarning, match="1 NaN voxel"):
+        result = segmenter.segment(clean.with_array(array), prompts)
+    assert np.array_equal(result.masks[1], segmenter.segment(clean, prompts).masks[1])
+    with pytest.raises(LesionLocatorError, match="only NaN"):
+        segmenter.segment(clean.with_array(np.full_like(array, np.nan)), prompts)
+
+
+def test_roi_mode_matches_exact_mode_next_to_a_zero_valued_border(image):
+    """nnU-Net crops zero-valued borders away before resampling: roi's window must lie inside that crop, or it is
+    zero-padded where the whole grid holds image data."""
+    array = image.array.copy()
+    array[:, :, :12] = 0
+    array[:8] = 0
+    zero_bordered = image.with_array(array)
+    prompts = {1: PointPrompt(LESION_1_ZYX), 2: PointPrompt((10, 33, 13)), 3: BoxPrompt((8, 28, 12), (20, 40, 26))}
+    roi, exact = (Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode).segment(zero_bordered, prompts)
+                  for mode in ("roi", "exact"))
+    for lesion_id in prompts:
+        assert np.array_equal(roi.masks[lesion_id], exact.masks[lesion_id]), lesion_id
+
+
+def test_a_mask_read_as_a_point_is_centred_where_exact_mode_centres_it():
+    """The official code rounds the resampled mask's centroid on the whole grid (halves to even); rounding it in
+    the window's coordinates moved the ball one voxel wherever the window starts at an odd grid index."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices((24, 100, 100))
+    sphere = ((z - 12) * 5.0) ** 2 + ((y - 50) * 0.5) ** 2 + ((x - 50) * 0.5) ** 2 < 12.0 ** 2
+    array = np.where(sphere, 80, -50) + rng.normal(0, 10, sphere.shape)
+    image = ImageVolume(array.astype(np.int16), (0.5, 0.5, 5.0))
+    prompts = {}
+    for z0 in (8, 10, 12):  # 2-slice masks: their centroids sit at .5 on the grid
+        mask = np.zeros(image.shape_zyx, np.uint8)
+        mask[z0:z0 + 2, 44:56, 44:56] = 1
+        prompts[z0] = MaskPrompt(mask)
+    roi, exact = (Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode, mask_prompt_as="point")
+                  .segment(image, prompts) for mode in ("roi", "exact"))
+    for lesion_id in prompts:
+        assert np.array_equal(roi.masks[lesion_id], exact.masks[lesion_id]), lesion_id
+
+
+def test_roi_mode_tiles_a_large_box_like_exact_mode_when_another_axis_is_padded():
+    """A grid thinner than the patch on z (padded) and a box longer than the patch on y (sliding window): roi's
+    tiles must sit where they sit on the whole padded grid."""
+    rng = np.random.default_rng(2)
+    z, y, x = np.indices((25, 100, 43))
+    sphere = ((z - 12) * 0.8) ** 2 + ((y - 50) * 3.0) ** 2 + ((x - 21) * 1.5) ** 2 < 12.0 ** 2
+    image = ImageVolume((np.where(sphere, 80, -50) + rng.normal(0, 10, sphere.shape)).astype(np.int16), (1.5, 3.0, 0.8))
+    prompts = {1: BoxPrompt((12, 14, 34), (24, 36, 43))}
+    roi, exact = (Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode).segment(image, prompts)
+                  for mode in ("roi", "exact"))
+    assert np.array_equal(roi.masks[1], exact.masks[1])
+
+
+def test_masked_z_score_plans_normalize_as_nnunet_in_both_modes(tmp_path: Path):
+    """nnU-Net's usual MR setting (ZScoreNormalization, use_mask_for_norm): statistics inside the hole-filled
+    non-zero mask, 0 outside it; exact mode used to crash and roi to normalize the background too."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
+
+    root = tmp_path / "mr_model"
+    shutil.copytree(require(TINY), root)
+    plans_path = root / "LesionLocatorSeg" / "point_optimized" / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    plans["configurations"]["3d_fullres"].update(normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[True])
+    plans_path.write_text(json.dumps(plans))
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices((40, 64, 64))
+    body = (y - 32) ** 2 + (x - 32) ** 2 < 28 ** 2
+    array = np.where(body, 900 + 100 * ((z - 20) ** 2 + (y - 32) ** 2 + (x - 32) ** 2 < 64), 0)
+    image = ImageVolume((array + body * rng.normal(0, 10, body.shape)).astype(np.float32), (1.0, 1.0, 3.0))
+    roi, exact = (Segmenter.from_folder(root, device="cpu", preset="fast", mode=mode) for mode in ("roi", "exact"))
+    prompts = {1: PointPrompt((20, 32, 32))}
+    assert np.array_equal(roi.segment(image, prompts).masks[1], exact.segment(image, prompts).masks[1])
+
+    data, seg, bbox = crop_to_nonzero(image.array[None].copy())
+    reference = ZScoreNormalization(use_mask_for_norm=True, intensityproperties={}).run(data[0], seg[0])
+    ours = exact.model_for("point").preprocessor.normalize_crop(image.array[tuple(slice(a, b) for a, b in bbox)])
+    assert np.allclose(ours, reference, atol=1e-5)
