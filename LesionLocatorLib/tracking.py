@@ -41,7 +41,7 @@ from scipy import ndimage
 from .box_refinement import BoxRefiner
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import CheckpointError, LesionLocatorError, PromptError
-from .image import ImageVolume
+from .image import ImageVolume, without_nan
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, inclusive_bbox, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor
 from .prompts import BoxPrompt, MaskPrompt, Prompt, validate_prompt
@@ -360,6 +360,7 @@ class Tracker:
         """Masks of the earlier scan (on its grid) -> each lesion on the later scan. Lesions in `outside_labelled`
         get the official list-path prompt (see the module docstring; exact mode only)."""
         report = progress or (lambda fraction, stage: None)
+        earlier, later = without_nan(earlier), without_nan(later)  # NaN would spread over the whole preprocessed scan
         for lesion_id, mask in masks.items():
             if tuple(mask.shape) != earlier.shape_zyx:
                 raise PromptError(f"Lesion {lesion_id}: mask shape {mask.shape} is not the earlier scan's {earlier.shape_zyx}.")

@@ -113,6 +113,18 @@ def test_reprompt_at_a_follow_up_and_new_lesion(scans):
 
 
 @pytest.mark.parametrize("mode", ["exact", "roi"])
+def test_a_nan_voxel_in_the_follow_up_does_not_empty_the_answer(scans, mode):
+    """NaN would spread over the whole preprocessed scan: it counts as the scan's minimum, with a warning."""
+    tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode=mode)
+    masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
+    values = scans[1].array.astype(np.float32)
+    values[0, 0, 0] = np.nan
+    with pytest.warns(UserWarning, match="1 NaN voxel"):
+        step = tracker.track_step(scans[0], scans[1].with_array(values), masks)
+    assert step[1].found and np.array_equal(step[1].mask, tracker.track_step(scans[0], scans[1], masks)[1].mask)
+
+
+@pytest.mark.parametrize("mode", ["exact", "roi"])
 def test_found_lesion_has_volume_and_physical_centre(scans, mode):
     tracker = Tracker(TINY, device="cpu", folds=[0], use_tta=False, registration=CountingRegistration(), mode=mode)
     masks = lesion_masks(scans[0], {1: (24, 33, 20)}, radius=4)
