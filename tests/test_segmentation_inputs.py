@@ -368,7 +368,7 @@ def test_a_box_in_the_zero_valued_border_fails_alone(image, mode):
     array = image.array.copy()
     array[:10] = 0  # zero slices, cropped away by nnU-Net
     prompts = {1: BoxPrompt((20, 30, 16), (29, 38, 25)), 2: BoxPrompt((2, 30, 16), (6, 38, 25))}
-    result = Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode).segment(
+    result = Segmenter.from_folder(require(TINY), device="cpu", preset="fast", mode=mode).segment(
         image.with_array(array), prompts)
     assert sorted(result.masks) == [1] and result.masks[1].sum() > 50
     assert "zero-valued border" in result.errors[2] and "not 0" in result.errors[2]
@@ -391,7 +391,7 @@ def test_a_click_in_the_zero_valued_border_fails_alone_with_the_point_search():
 
 @pytest.mark.parametrize("mode", ["roi", "exact"])
 def test_nan_voxels_count_as_the_image_minimum_with_a_warning(image, mode):
-    segmenter = Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode)
+    segmenter = Segmenter.from_folder(require(TINY), device="cpu", preset="fast", mode=mode)
     clean = image.with_array(image.array.astype(np.float32))
     array = clean.array.copy()
     array[0, 0, 0] = np.nan  # far from the lesion; it used to empty every mask
@@ -411,7 +411,7 @@ def test_roi_mode_matches_exact_mode_next_to_a_zero_valued_border(image):
     array[:8] = 0
     zero_bordered = image.with_array(array)
     prompts = {1: PointPrompt(LESION_1_ZYX), 2: PointPrompt((10, 33, 13)), 3: BoxPrompt((8, 28, 12), (20, 40, 26))}
-    roi, exact = (Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode).segment(zero_bordered, prompts)
+    roi, exact = (Segmenter.from_folder(require(TINY), device="cpu", preset="fast", mode=mode).segment(zero_bordered, prompts)
                   for mode in ("roi", "exact"))
     for lesion_id in prompts:
         assert np.array_equal(roi.masks[lesion_id], exact.masks[lesion_id]), lesion_id
@@ -430,7 +430,7 @@ def test_a_mask_read_as_a_point_is_centred_where_exact_mode_centres_it():
         mask = np.zeros(image.shape_zyx, np.uint8)
         mask[z0:z0 + 2, 44:56, 44:56] = 1
         prompts[z0] = MaskPrompt(mask)
-    roi, exact = (Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode, mask_prompt_as="point")
+    roi, exact = (Segmenter.from_folder(require(TINY), device="cpu", preset="fast", mode=mode, mask_prompt_as="point")
                   .segment(image, prompts) for mode in ("roi", "exact"))
     for lesion_id in prompts:
         assert np.array_equal(roi.masks[lesion_id], exact.masks[lesion_id]), lesion_id
@@ -444,7 +444,7 @@ def test_roi_mode_tiles_a_large_box_like_exact_mode_when_another_axis_is_padded(
     sphere = ((z - 12) * 0.8) ** 2 + ((y - 50) * 3.0) ** 2 + ((x - 21) * 1.5) ** 2 < 12.0 ** 2
     image = ImageVolume((np.where(sphere, 80, -50) + rng.normal(0, 10, sphere.shape)).astype(np.int16), (1.5, 3.0, 0.8))
     prompts = {1: BoxPrompt((12, 14, 34), (24, 36, 43))}
-    roi, exact = (Segmenter.from_folder(TINY, device="cpu", preset="fast", mode=mode).segment(image, prompts)
+    roi, exact = (Segmenter.from_folder(require(TINY), device="cpu", preset="fast", mode=mode).segment(image, prompts)
                   for mode in ("roi", "exact"))
     assert np.array_equal(roi.masks[1], exact.masks[1])
 
