@@ -137,6 +137,15 @@ def without_nan(image: ImageVolume) -> ImageVolume:
     return image.with_array(np.where(nan, minimum, image.array))
 
 
+def resampled_onto(image: sitk.Image, grid: ImageVolume, interpolator: int, outside: float = 0.0,
+                   pixel_type: int = sitk.sitkUnknown) -> np.ndarray:
+    """`image` sampled at the voxels of `grid` (physical space), as a (z, y, x) array (its own pixel type unless
+    `pixel_type` is given)."""
+    return sitk.GetArrayFromImage(sitk.Resample(image, list(grid.shape_zyx[::-1]), sitk.Transform(), interpolator,
+                                                grid.origin_lps, grid.spacing_xyz,
+                                                grid.direction_lps.flatten().tolist(), outside, pixel_type))
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """A file with an image extension SimpleITK reads (a DICOM series is a folder instead)."""
     path = Path(path)

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from skimage.morphology import ball
 
 from .errors import PromptError
-from .image import ImageVolume
+from .image import ImageVolume, resampled_onto
 
 POINT_BALL_RADIUS = 5
 BOX_MARGIN_VOXELS = 1
@@ -234,10 +234,7 @@ def split_instance_mask(labels_zyx: np.ndarray, binary: bool | None = None) -> d
 
 def resample_labels(labels: ImageVolume, image: ImageVolume) -> np.ndarray:
     """A label image's values on `image`'s voxel grid: nearest neighbour in physical space, 0 outside it."""
-    resampled = sitk.Resample(labels.to_sitk(), list(image.shape_zyx[::-1]), sitk.Transform(),
-                              sitk.sitkNearestNeighbor, image.origin_lps, image.spacing_xyz,
-                              image.direction_lps.flatten().tolist(), 0)
-    return sitk.GetArrayFromImage(resampled)
+    return resampled_onto(labels.to_sitk(), image, sitk.sitkNearestNeighbor)
 
 
 def grid_difference(labels: ImageVolume, image: ImageVolume) -> str:

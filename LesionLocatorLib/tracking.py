@@ -41,7 +41,7 @@ from scipy import ndimage
 from .box_refinement import BoxRefiner
 from .checkpoint import ModelFolder, load_checkpoint_folder, read_model_manifest, resolve_task_folder
 from .errors import CheckpointError, LesionLocatorError, PromptError
-from .image import ImageVolume, without_nan
+from .image import ImageVolume, resampled_onto, without_nan
 from .prediction import PatchPredictor, PredictionSettings, check_cancel, inclusive_bbox, resolve_device
 from .preprocessing import PreprocessedImage, Preprocessor
 from .prompts import BoxPrompt, MaskPrompt, Prompt, validate_prompt
@@ -203,13 +203,6 @@ def resampled_along(volume: ImageVolume, direction_lps: np.ndarray,
     return (grid.with_array(array),
             lambda mask: resampled_onto(grid.to_sitk(np.asarray(mask, np.uint8)), volume, sitk.sitkNearestNeighbor,
                                         0.0, sitk.sitkUInt8))
-
-
-def resampled_onto(image: sitk.Image, grid: ImageVolume, interpolator: int, outside: float, pixel_type: int) -> np.ndarray:
-    """`image` sampled at the voxels of `grid` (physical space), as a (z, y, x) array."""
-    return sitk.GetArrayFromImage(sitk.Resample(image, list(grid.shape_zyx[::-1]), sitk.Transform(), interpolator,
-                                                grid.origin_lps, grid.spacing_xyz,
-                                                grid.direction_lps.flatten().tolist(), outside, pixel_type))
 
 
 def progress_part(progress: Progress, part: int, parts: int) -> Progress:
